@@ -22,3 +22,173 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# ------------------------------------------------------------------------------------------------
+# Device, seeds and output folders
+
+def pick_device(name="auto"):
+    """torch.device for `name`; 'auto' takes cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but this PyTorch sees no CUDA device")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name} asked for, but MPS is not available here")
+    return device
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_output_dir(path, what="--out"):
+    """Create `path` (with parents) and check that files can be written in it."""
+    if not path:
+        raise UserError(f"{what} must name a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to {what} folder {path!r}: {e.strerror}") from None
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: one self-describing file, written atomically
+
+CHECKPOINT_NAME = "checkpoint"
+FORMAT_VERSION = 1
+
+
+def rng_state():
+    """Every random generator's state, in types that torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                       *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+def save_checkpoint(path, state):
+    """torch.save to `path` through a temporary file, so a kill never leaves a broken checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(path):
+    """`path` itself if it is a file, else the checkpoint inside the folder `path`."""
+    return path if os.path.isfile(path) else os.path.join(path, CHECKPOINT_NAME)
+
+
+def load_checkpoint(path, method):
+    """Load a checkpoint written by save_checkpoint for `method`, or raise a clear UserError."""
+    file = checkpoint_path(path)
+    if not os.path.exists(file):
+        raise UserError(f"--load {path!r}: no checkpoint there (expected a file or a folder "
+                        f"holding '{CHECKPOINT_NAME}')")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"--load {path!r}: {file} is not a checkpoint of this program") from None
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt or "config" not in ckpt:
+        raise UserError(f"--load {path!r}: {file} is not a checkpoint of this program")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise UserError(f"--load {path!r}: written by a newer version of this program")
+    if ckpt["config"].get("method") != method:
+        raise UserError(f"--load {path!r}: a checkpoint of method "
+                        f"{ckpt['config'].get('method')!r}, not {method!r}")
+    return ckpt
+
+
+def strip_prefixes(state_dict):
+    """Drop the 'module.' (DataParallel/DDP) and '_orig_mod.' (torch.compile) key prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+def load_weights(module, state_dict, what):
+    """load_state_dict that reports an architecture mismatch as a UserError."""
+    try:
+        module.load_state_dict(strip_prefixes(state_dict))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UserError(f"{what} does not match this architecture ({detail})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Logs and grids
+
+class RunningMeans:
+    """Means of named scalars since the last reset (so a log line is not just the last batch)."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def update(self, values):
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.count += 1
+
+    def means(self):
+        return {name: total / max(self.count, 1) for name, total in self.sums.items()}
+
+    def reset(self):
+        self.sums, self.count = {}, 0
+
+
+def append_jsonl(path, record):
+    """Append one JSON object as a line and flush it to disk."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def write_json(path, obj):
+    """Write `obj` as indented JSON through a temporary file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_tiles(tiles, path, nrow, value_range=(-1.0, 1.0)):
+    """Save a (K, 3, H, W) batch of tiles as one PNG grid, K/nrow rows, 2-px padding."""
+    from torchvision.utils import save_image
+    tmp = f"{path}.tmp.png"
+    save_image(tiles.detach().float().cpu(), tmp, nrow=nrow, padding=2, normalize=True,
+               value_range=value_range)
+    os.replace(tmp, path)

@@ -1,0 +1,121 @@
+"""The CD networks: sizes, parameter counts, the codes' algebra and the training step."""
+import pytest
+import torch
+
+from models import ILN, CDConfig, build_cd
+from train import autoencoder_losses, train_step
+from utils import UserError
+
+TINY = dict(resize=16, n_blocks=1, n_tot_feats=32, sep=8, e2_feats=8, n_enc_res_blocks=1,
+            n_res_blocks=1)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts_match_the_original():
+    model = build_cd({})
+    assert n_params(model.common_encoder) == 17_201_760
+    assert n_params(model.separate_encoder) == 2_456_160
+    assert n_params(model.decoder) == 15_728_640
+    assert n_params(model.latent_disc) == 50_332_673
+    assert n_params(build_cd({"e2_feats": 512}).separate_encoder) == 105_653_760
+
+
+@pytest.mark.parametrize("resize,sep,n_blocks,n_tot", [(16, 8, 1, 32), (32, 4, 2, 64),
+                                                        (24, 16, 2, 64), (64, 32, 3, 128)])
+def test_output_shapes(resize, sep, n_blocks, n_tot):
+    model = build_cd(dict(TINY, resize=resize, sep=sep, n_blocks=n_blocks, n_tot_feats=n_tot))
+    x = torch.randn(2, 3, resize, resize)
+    side = resize // 2 ** (n_blocks + 1)
+    common, separate = model.common_encoder(x), model.separate_encoder(x)
+    assert common.shape == (2, n_tot - sep, side, side)
+    assert separate.shape == (2, sep, side, side)
+    y = model.decode(common, separate)
+    assert y.shape == x.shape and y.abs().max() <= 1
+    assert model.latent_disc(common).shape == (2,)
+
+
+def test_every_architecture_field_reaches_the_networks():
+    base = build_cd(TINY)
+    for key, value in dict(n_blocks=2, n_res_blocks=2, n_enc_res_blocks=2, e2_feats=16,
+                           sep=4, n_tot_feats=64, resize=32).items():
+        changed = build_cd(dict(TINY, **{key: value}, **({"resize": 32} if key == "n_blocks"
+                                                        else {})))
+        assert n_params(changed) != n_params(base), key
+
+
+def test_b_separate_code_is_zeros():
+    model = build_cd(TINY)
+    common = model.common_encoder(torch.randn(3, 3, 16, 16))
+    zeros = model.zero_separate(common)
+    assert zeros.shape == (3, 8, 4, 4) and zeros.abs().sum() == 0
+    assert torch.equal(model.decode(common), model.decode(common, zeros))
+
+
+def test_discriminator_sees_only_the_common_code():
+    model = build_cd(TINY)
+    first = model.latent_disc.net[0]
+    assert first.in_features == (32 - 8) * 4 * 4  # common channels only
+    x_a, x_b = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    common = model.common_encoder(torch.cat([x_a, x_b]))
+    model.latent_disc(common).sum().backward()
+    assert all(p.grad is None for p in model.separate_encoder.parameters())
+
+
+@pytest.mark.parametrize("bad,match", [(dict(resize=18), "multiple of"),
+                                        (dict(sep=32), "--sep"), (dict(sep=0), "--sep"),
+                                        (dict(n_tot_feats=34), "divisible")])
+def test_impossible_sizes_are_rejected(bad, match):
+    with pytest.raises(UserError, match=match):
+        build_cd(dict(TINY, **bad))
+
+
+def test_iln_blends_instance_and_layer_statistics():
+    norm = ILN(4)
+    x = torch.randn(2, 4, 5, 5) * 3 + 1
+    layer = (x - x.mean((1, 2, 3), keepdim=True)) / (x.var((1, 2, 3), keepdim=True) + 1.1e-5).sqrt()
+    assert torch.allclose(norm(x), layer, atol=1e-5)
+    norm.rho.data.fill_(1.0)
+    inst = (x - x.mean((2, 3), keepdim=True)) / (x.var((2, 3), keepdim=True) + 1.1e-5).sqrt()
+    assert torch.allclose(norm(x), inst, atol=1e-5)
+
+
+def make_optimisers(model):
+    ae = torch.optim.Adam(model.autoencoder_parameters(), 1e-3, (0.5, 0.999), eps=1e-6)
+    d = torch.optim.Adam(model.latent_disc.parameters(), 1e-3, (0.5, 0.999), eps=1e-6)
+    return ae, d
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = build_cd(TINY)
+    ae_opt, d_opt = make_optimisers(model)
+    x_a, x_b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    cfg = {"adv_weight": 1e-3, "d_clip": 5.0}
+    before = autoencoder_losses(model, x_a, x_b, 1e-3)["ae"].item()
+    for _ in range(5):
+        train_step(model, x_a, x_b, ae_opt, d_opt, cfg)
+    after = autoencoder_losses(model, x_a, x_b, 1e-3)["ae"].item()
+    assert after < before
+
+
+def test_discriminator_gradients_are_really_clipped_and_rho_stays_in_range():
+    torch.manual_seed(0)
+    model = build_cd(TINY)
+    ae_opt, d_opt = make_optimisers(model)
+    x_a, x_b = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    for m in model.decoder.modules():
+        if isinstance(m, ILN):
+            m.rho.data.fill_(1.5)
+    train_step(model, x_a, x_b, ae_opt, d_opt, {"adv_weight": 1e-3, "d_clip": 1e-4})
+    grads = [p.grad for p in model.latent_disc.parameters()]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1e-4 * 1.01
+    assert all(0 <= m.rho.min() and m.rho.max() <= 1
+               for m in model.decoder.modules() if isinstance(m, ILN))
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = CDConfig(resize=32, sep=4)
+    assert CDConfig.from_dict({**cfg.to_dict(), "lr": 1.0}) == cfg
