@@ -20,7 +20,7 @@ from data import ImageFiles, check_images, domain_paths, endless_loader, make_de
 from models import CDConfig, build_cd
 from utils import (RunningMeans, UserError, append_jsonl, load_checkpoint, load_weights,
                    make_output_dir, pick_device, rng_state, run_cli, save_checkpoint, save_tiles,
-                   seed_everything, set_rng_state, write_json)
+                   seed_everything, set_rng_state, StopRequest, write_json)
 
 AE_CLIP_NORM = 5.0  # joint gradient-norm clip of both encoders and the decoder (as the seeds)
 
@@ -259,10 +259,15 @@ def main(argv=None):
     model.train()
     means, tick, tick_step = RunningMeans(), time.time(), step
     bar = tqdm(total=cfg["iters"], initial=step, desc="cd", dynamic_ncols=True)
-    try:
-        while step < cfg["iters"]:
-            x_a = next(batches_a).to(device, non_blocking=True)
-            x_b = next(batches_b).to(device, non_blocking=True)
+    with StopRequest() as stop:
+        while step < cfg["iters"] and not stop.requested:
+            try:
+                x_a = next(batches_a).to(device, non_blocking=True)
+                x_b = next(batches_b).to(device, non_blocking=True)
+            except RuntimeError:
+                if stop.requested:  # Ctrl-C also ended the loader's workers
+                    break
+                raise
             losses = train_step(model, x_a, x_b, ae_opt, d_opt, cfg)
             step += 1
             means.update(losses)
@@ -283,12 +288,12 @@ def main(argv=None):
                                    os.path.join(out, f"experiments_{step:06d}.png"))
             if step % cfg["save_iter"] == 0 or last:
                 save()
-    except KeyboardInterrupt:
-        save()
-        bar.close()
-        print(f"interrupted: checkpoint of iteration {step} saved in {out}", file=sys.stderr)
-        sys.exit(130)
     bar.close()
+    if stop.requested:
+        save()
+        print(f"stopped: checkpoint of iteration {step} saved in {out}; resume with "
+              f"--load {out}", file=sys.stderr)
+        sys.exit(130)
     print(f"done: {step} iterations; grids, metrics.jsonl and checkpoint in {out}")
 
 

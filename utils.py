@@ -192,3 +192,25 @@ def save_tiles(tiles, path, nrow, value_range=(-1.0, 1.0)):
     save_image(tiles.detach().float().cpu(), tmp, nrow=nrow, padding=2, normalize=True,
                value_range=value_range)
     os.replace(tmp, path)
+
+
+class StopRequest:
+    """Turns the first Ctrl-C or SIGTERM into a request to stop after the current step (so the
+    checkpoint saved then is a clean one); a second Ctrl-C interrupts at once."""
+
+    def __enter__(self):
+        import signal
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
