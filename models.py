@@ -4,8 +4,16 @@ Content disentanglement (CD): Press et al., "Emerging Disentanglement in Auto-En
 Unsupervised Image Content Transfer", ICLR 2019, in the IN+ILN / nearest-upsampling variant of
 kozistr/improved-ContentDisentanglement. A common encoder and a separate encoder feed one decoder;
 a spectral-norm discriminator on the common code pushes the attribute into the separate code.
+
+OverLORD: Gabbay & Hoshen, "Scaling-up Disentanglement for Image Translation", ICCV 2021. Label
+and per-image codes drive a StyleGAN2 synthesis network (Karras et al., CVPR 2020) without mapping
+net or noise, written here in plain PyTorch; encoders later amortise the codes and a StyleGAN2
+discriminator tunes the result. A frozen VGG16 gives the perceptual distance.
 """
+import math
+import os
 from dataclasses import asdict, dataclass, fields
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -225,3 +233,510 @@ class CDModel(nn.Module):
 def build_cd(cfg):
     """CDModel from a config dict (train flags or a checkpoint's stored config)."""
     return CDModel(CDConfig.from_dict(cfg))
+
+
+# ------------------------------------------------------------------------------------------------
+# StyleGAN2 primitives (SPEC C): FIR resampling, equalised layers, modulated convolution
+
+BLUR_KERNEL = (1, 3, 3, 1)
+
+
+def stylegan_channels(res: int, channel_multiplier: int = 2,
+                      max_width: Optional[int] = None) -> int:
+    """Width of the StyleGAN2 layers at resolution `res`, optionally capped at `max_width`."""
+    if res < 4 or res > 1024 or res & (res - 1):
+        raise ValueError(f"resolution must be a power of two from 4 to 1024, got {res}")
+    # 4..32 -> 512; from 64 on the width halves with each doubling: 64 -> 256·m, ..., 1024 -> 16·m
+    width = 512 if res <= 32 else (2 ** 14 // res) * channel_multiplier
+    return width if max_width is None else min(width, max_width)
+
+
+def make_blur_kernel(k1: Sequence[float] = BLUR_KERNEL) -> torch.Tensor:
+    """Separable 2-D FIR kernel outer(k1, k1), normalised to sum to 1."""
+    k = torch.tensor(k1, dtype=torch.float32)
+    k = torch.outer(k, k)
+    return k / k.sum()
+
+
+def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
+              pad: Sequence[int] = (0, 0)) -> torch.Tensor:
+    """Zero-insert by `up`, pad (negative crops), convolve with `kernel`, keep every `down`-th."""
+    n, c, h, w = x.shape
+    x = x.reshape(n * c, 1, h, w)  # every channel filtered alike
+    if up > 1:
+        x = x.reshape(n * c, 1, h, 1, w, 1)
+        x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))  # up-1 zeros after each sample
+        x = x.reshape(n * c, 1, h * up, w * up)
+    p0, p1 = pad
+    x = F.pad(x, (p0, p1, p0, p1))
+    # conv2d correlates, so flip the kernel for a true convolution; stride keeps rows 0, down, ...
+    weight = kernel.flip((0, 1))[None, None].to(x)  # (1, 1, kh, kw), x's dtype and device
+    x = F.conv2d(x, weight, stride=down)
+    return x.reshape(n, c, x.shape[-2], x.shape[-1])
+
+
+class Blur(nn.Module):
+    """FIR low-pass filter with fixed padding, used around strided and transposed convolutions."""
+
+    def __init__(self, pad: Sequence[int], k1: Sequence[float] = BLUR_KERNEL,
+                 upsample_factor: int = 1):
+        super().__init__()
+        self.pad = tuple(pad)
+        # after zero insertion only 1/factor² of the samples are non-zero: gain restores the mean
+        kernel = make_blur_kernel(k1) * upsample_factor ** 2
+        self.register_buffer("kernel", kernel, persistent=False)
+
+    def forward(self, x):
+        return upfirdn2d(x, self.kernel, pad=self.pad)
+
+    def extra_repr(self):
+        return f"pad={self.pad}, kernel_size={self.kernel.shape[0]}"
+
+
+class Upsample(nn.Module):
+    """×2 FIR upsampling (zero insertion + blur), used on the RGB skip path."""
+
+    def __init__(self, k1: Sequence[float] = BLUR_KERNEL, factor: int = 2):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("kernel", make_blur_kernel(k1) * factor ** 2, persistent=False)
+        p = len(k1) - factor
+        self.pad = ((p + 1) // 2 + factor - 1, p // 2)  # (2, 1) for k1 of length 4
+
+    def forward(self, x):
+        return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)  # (N, C, 2H, 2W)
+
+    def extra_repr(self):
+        return f"factor={self.factor}, pad={self.pad}"
+
+
+def fused_leaky_relu(x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     negative_slope: float = 0.2, scale: float = math.sqrt(2)) -> torch.Tensor:
+    """leaky_relu(x + bias) · scale, with a per-channel bias broadcast over every dim after 1."""
+    if bias is not None:
+        x = x + bias.reshape(1, -1, *([1] * (x.ndim - 2)))
+    return F.leaky_relu(x, negative_slope) * scale
+
+
+class FusedLeakyReLU(nn.Module):
+    """Per-channel bias, then leaky ReLU (slope 0.2) scaled by √2 to keep the signal's variance."""
+
+    def __init__(self, channels: int, bias: bool = True):
+        super().__init__()
+        self.channels = channels
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    def forward(self, x):
+        return fused_leaky_relu(x, self.bias)
+
+    def extra_repr(self):
+        return f"{self.channels}, bias={self.bias is not None}"
+
+
+class EqualConv2d(nn.Module):
+    """Conv2d with equalised learning rate: N(0, 1) weights rescaled by 1/√fan_in at run time."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.scale, self.bias, self.stride, self.padding)
+
+    def extra_repr(self):
+        out_c, in_c, k, _ = self.weight.shape
+        return (f"{in_c}, {out_c}, kernel_size={k}, stride={self.stride}, padding={self.padding}, "
+                f"bias={self.bias is not None}")
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalised learning rate; `activate` adds a fused leaky ReLU on its bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 bias_init: float = 0.0, lr_mul: float = 1.0, activate: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init))) if bias else None
+        self.scale = lr_mul / math.sqrt(in_features)
+        self.lr_mul, self.activate = lr_mul, activate
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias * self.lr_mul
+        if self.activate:
+            return fused_leaky_relu(F.linear(x, self.weight * self.scale), bias)
+        return F.linear(x, self.weight * self.scale, bias)
+
+    def extra_repr(self):
+        out_f, in_f = self.weight.shape
+        return (f"{in_f}, {out_f}, bias={self.bias is not None}, lr_mul={self.lr_mul}, "
+                f"activate={self.activate}")
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2 convolution whose weights are scaled per sample by a style, then demodulated."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_dim: int,
+                 demodulate: bool = True, upsample: bool = False,
+                 k1: Sequence[float] = BLUR_KERNEL):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = kernel_size
+        self.demodulate, self.upsample = demodulate, upsample
+        self.weight = nn.Parameter(
+            torch.randn(1, out_channels, in_channels, kernel_size, kernel_size))
+        self.scale = 1 / math.sqrt(in_channels * kernel_size ** 2)
+        # starts at 1 so that a fresh layer sees unmodulated weights
+        self.modulation = EqualLinear(style_dim, in_channels, bias_init=1.0)
+        if upsample:
+            p = (len(k1) - 2) - (kernel_size - 1)
+            self.blur = Blur(((p + 1) // 2 + 1, p // 2 + 1), k1, upsample_factor=2)
+
+    def sample_weights(self, style: torch.Tensor) -> torch.Tensor:
+        """Modulated (and demodulated) weights of every sample, (N, out, in, k, k)."""
+        s = self.modulation(style)  # (N, in)
+        w = self.scale * self.weight * s[:, None, :, None, None]  # (N, out, in, k, k)
+        if self.demodulate:
+            w = w * torch.rsqrt(w.pow(2).sum((2, 3, 4), keepdim=True) + 1e-8)
+        return w
+
+    def forward(self, x, style):
+        n, _, h, w = x.shape
+        weight = self.sample_weights(style)
+        k = self.kernel_size
+        # the batch becomes the group axis, so one grouped conv applies each sample's own weights
+        x = x.reshape(1, n * self.in_channels, h, w)
+        if self.upsample:
+            weight = weight.transpose(1, 2).reshape(n * self.in_channels, self.out_channels, k, k)
+            out = F.conv_transpose2d(x, weight, stride=2, groups=n)  # (1, N·out, 2H+k-2, 2W+k-2)
+            out = out.reshape(n, self.out_channels, out.shape[-2], out.shape[-1])
+            return self.blur(out)  # (N, out, 2H, 2W)
+        weight = weight.reshape(n * self.out_channels, self.in_channels, k, k)
+        out = F.conv2d(x, weight, padding=k // 2, groups=n)
+        return out.reshape(n, self.out_channels, h, w)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"style_dim={self.modulation.weight.shape[1]}, demodulate={self.demodulate}, "
+                f"upsample={self.upsample}")
+
+
+class StyledConv(nn.Module):
+    """Modulated conv + bias + scaled leaky ReLU; OverLORD drops StyleGAN2's noise injection."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, style_dim: int,
+                 upsample: bool = False, k1: Sequence[float] = BLUR_KERNEL):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channels, out_channels, kernel_size, style_dim,
+                                    upsample=upsample, k1=k1)
+        self.activate = FusedLeakyReLU(out_channels)
+
+    def forward(self, x, style):
+        return self.activate(self.conv(x, style))
+
+
+class ToRGB(nn.Module):
+    """1×1 modulated conv to RGB (no demodulation), plus the upsampled RGB of the level below."""
+
+    def __init__(self, in_channels: int, style_dim: int, upsample: bool = True,
+                 k1: Sequence[float] = BLUR_KERNEL):
+        super().__init__()
+        self.upsample = Upsample(k1) if upsample else None
+        self.conv = ModulatedConv2d(in_channels, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x, style, skip=None):
+        out = self.conv(x, style) + self.bias  # (N, 3, H, W)
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+class ConstantInput(nn.Module):
+    """Learned C×size×size tensor that starts the synthesis, repeated over the batch."""
+
+    def __init__(self, channels: int, size: int = 4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channels, size, size))
+
+    def forward(self, batch_size: int):
+        return self.input.expand(batch_size, -1, -1, -1)
+
+    def extra_repr(self):
+        return f"{self.input.shape[1]}, size={self.input.shape[2]}"
+
+
+class ConvLayer(nn.Sequential):
+    """Discriminator conv: [blur, stride 2] equalised conv, then optional bias + scaled LReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 downsample: bool = False, bias: bool = True, activate: bool = True,
+                 k1: Sequence[float] = BLUR_KERNEL):
+        layers = []
+        if downsample:
+            p = (len(k1) - 2) + (kernel_size - 1)
+            layers.append(Blur(((p + 1) // 2, p // 2), k1))  # H -> H+1 (k=3) or H-1 (k=1)
+            stride, padding = 2, 0
+        else:
+            stride, padding = 1, kernel_size // 2
+        layers.append(EqualConv2d(in_channels, out_channels, kernel_size, stride, padding,
+                                  bias=bias and not activate))
+        if activate:
+            layers.append(FusedLeakyReLU(out_channels, bias=bias))
+        super().__init__(*layers)
+
+
+class DiscResBlock(nn.Module):
+    """Discriminator residual block that halves the resolution: (convs + 1×1 skip) / √2."""
+
+    def __init__(self, in_channels: int, out_channels: int, k1: Sequence[float] = BLUR_KERNEL):
+        super().__init__()
+        self.conv1 = ConvLayer(in_channels, in_channels, 3, k1=k1)
+        self.conv2 = ConvLayer(in_channels, out_channels, 3, downsample=True, k1=k1)
+        self.skip = ConvLayer(in_channels, out_channels, 1, downsample=True, bias=False,
+                              activate=False, k1=k1)
+
+    def forward(self, x):
+        return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)  # (N, out, H/2, W/2)
+
+
+class MinibatchStdDev(nn.Module):
+    """Appends one channel: the feature std across a group of samples, averaged to a scalar."""
+
+    def __init__(self, group_size: int = 4):
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        group = min(n, self.group_size)
+        if n % group:
+            raise ValueError(f"minibatch stddev needs a batch size divisible by {group}, got {n}")
+        # sample g·(N/G) + m belongs to group m
+        y = x.reshape(group, n // group, c, h, w)
+        y = torch.sqrt(y.var(0, unbiased=False) + 1e-8)  # (N/G, C, H, W)
+        y = y.mean((1, 2, 3)).reshape(-1, 1, 1, 1)  # (N/G, 1, 1, 1)
+        y = y.repeat(group, 1, h, w)  # (N, 1, H, W)
+        return torch.cat([x, y], 1)  # (N, C+1, H, W)
+
+    def extra_repr(self):
+        return f"group_size={self.group_size}"
+
+
+# ------------------------------------------------------------------------------------------------
+# OverLORD networks (SPEC B3)
+
+def _log2_size(img_size: int) -> int:
+    """log2 of a power-of-two image side ≥ 8, else a ValueError."""
+    if img_size < 8 or img_size & (img_size - 1):
+        raise ValueError(f"image side must be a power of two ≥ 8, got {img_size}")
+    return int(math.log2(img_size))
+
+
+class Generator(nn.Module):
+    """StyleGAN2 synthesis network without mapping net or noise; one latent styles every layer."""
+
+    def __init__(self, img_size: int, latent_dim: int, channel_multiplier: int = 2,
+                 max_width: Optional[int] = None):
+        super().__init__()
+        self.img_size, self.latent_dim = img_size, latent_dim
+        log_size = _log2_size(img_size)
+        ch = {2 ** i: stylegan_channels(2 ** i, channel_multiplier, max_width)
+              for i in range(2, log_size + 1)}  # resolution -> width
+
+        self.input = ConstantInput(ch[4])
+        self.conv1 = StyledConv(ch[4], ch[4], 3, latent_dim)
+        self.to_rgb1 = ToRGB(ch[4], latent_dim, upsample=False)
+        self.up_convs, self.convs, self.to_rgbs = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for res in (2 ** i for i in range(3, log_size + 1)):  # 8 ... img_size
+            self.up_convs.append(StyledConv(ch[res // 2], ch[res], 3, latent_dim, upsample=True))
+            self.convs.append(StyledConv(ch[res], ch[res], 3, latent_dim))
+            self.to_rgbs.append(ToRGB(ch[res], latent_dim))
+
+    def forward(self, latent):
+        """(N, latent_dim) codes -> (N, 3, S, S) images, unbounded (targets are in [0, 1])."""
+        x = self.input(latent.shape[0])  # (N, C4, 4, 4)
+        x = self.conv1(x, latent)
+        rgb = self.to_rgb1(x, latent)  # (N, 3, 4, 4)
+        for up_conv, conv, to_rgb in zip(self.up_convs, self.convs, self.to_rgbs):
+            x = conv(up_conv(x, latent), latent)  # (N, C, 2H, 2W)
+            rgb = to_rgb(x, latent, rgb)  # (N, 3, 2H, 2W)
+        return rgb
+
+
+class EncoderResBlock(nn.Module):
+    """Pre-activation residual block that halves the resolution; no normalisation."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            nn.LeakyReLU(0.2), nn.Conv2d(in_channels, in_channels, 3, 1, 1), nn.AvgPool2d(2),
+            nn.LeakyReLU(0.2), nn.Conv2d(in_channels, out_channels, 3, 1, 1))
+        # a learned 1×1 projection only where the width changes
+        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, bias=False)
+                         if in_channels != out_channels else nn.Identity())
+
+    def forward(self, x):
+        shortcut = F.avg_pool2d(self.shortcut(x), 2)
+        return (shortcut + self.residual(x)) / math.sqrt(2)  # (N, out, H/2, W/2)
+
+
+class CodeEncoder(nn.Module):
+    """Plain conv encoder from an image to a code vector (label, uncorrelated or correlated)."""
+
+    def __init__(self, img_size: int, code_dim: int, base: int = 64, max_width: int = 256):
+        super().__init__()
+        self.img_size, self.code_dim = img_size, code_dim
+        layers = [nn.Conv2d(3, base, 3, 1, 1)]
+        width = base
+        for _ in range(_log2_size(img_size) - 2):  # down to 4×4
+            layers.append(EncoderResBlock(width, min(2 * width, max_width)))
+            width = min(2 * width, max_width)
+        layers += [nn.LeakyReLU(0.2), nn.Conv2d(width, width, 4, 1, 0),  # (N, width, 1, 1)
+                   nn.LeakyReLU(0.2), nn.Conv2d(width, code_dim, 1, 1, 0)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, img):
+        return self.net(img).flatten(1)  # (N, code_dim)
+
+
+class Discriminator(nn.Module):
+    """StyleGAN2 residual discriminator; returns one real/fake logit per image, (N, 1)."""
+
+    def __init__(self, img_size: int, channel_multiplier: int = 2, max_width: Optional[int] = None,
+                 stddev_group: int = 4):
+        super().__init__()
+        self.img_size = img_size
+        log_size = _log2_size(img_size)
+        ch = {2 ** i: stylegan_channels(2 ** i, channel_multiplier, max_width)
+              for i in range(2, log_size + 1)}  # resolution -> width
+
+        blocks = [ConvLayer(3, ch[img_size], 1)]
+        for res in (2 ** i for i in range(log_size, 2, -1)):  # img_size ... 8, each block halves it
+            blocks.append(DiscResBlock(ch[res], ch[res // 2]))
+        self.blocks = nn.Sequential(*blocks)
+        self.stddev = MinibatchStdDev(stddev_group)
+        self.final_conv = ConvLayer(ch[4] + 1, ch[4], 3)
+        self.final_linear = nn.Sequential(
+            EqualLinear(ch[4] * 4 * 4, ch[4], activate=True), EqualLinear(ch[4], 1))
+
+    def forward(self, img):
+        x = self.stddev(self.blocks(img))  # (N, C4 + 1, 4, 4)
+        x = self.final_conv(x).flatten(1)  # (N, C4·16)
+        return self.final_linear(x)  # (N, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Perceptual distance: frozen VGG16 features, loaded only from local files (SPEC B3, B8)
+
+VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 checkpoint name
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                512, 512, 512, "M")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def vgg16_features() -> nn.Sequential:
+    """Random-init VGG16 features with torchvision's layout, indices and state-dict keys."""
+    layers, in_channels = [], 3
+    for v in VGG16_LAYOUT:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(in_channels, v, 3, padding=1), nn.ReLU(inplace=True)]
+            in_channels = v
+    return nn.Sequential(*layers)
+
+
+def find_vgg_weights(path: Optional[str] = None) -> Optional[str]:
+    """`path` if it is a file, else the torch hub cache copy of the VGG16 weights, else None."""
+    if path:
+        return str(path) if os.path.isfile(path) else None
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_WEIGHTS_FILE)
+    return cached if os.path.isfile(cached) else None
+
+
+def load_vgg16_features(path: str) -> nn.Sequential:
+    """VGG16 features loaded from a local torchvision state dict (full model or features only)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    features = {k.removeprefix("features."): v for k, v in state.items()
+                if not k.startswith("classifier.")}
+    net = vgg16_features()
+    try:
+        net.load_state_dict(features)
+    except RuntimeError as e:
+        raise RuntimeError(f"{path} is not a torchvision VGG16 state dict: {e}") from None
+    return net
+
+
+class VGGDistance(nn.Module):
+    """Pixel L1 plus L1 between frozen VGG16 activations, averaged over the batch (OverLORD)."""
+
+    def __init__(self, layer_ids: Sequence[int] = (2, 7, 12, 21, 30), normalize: bool = True,
+                 weights: Union[str, os.PathLike, None] = None):
+        super().__init__()
+        self.layer_ids, self.normalize = tuple(layer_ids), normalize
+        if weights == "random":  # for tests only: no ImageNet knowledge at all
+            self.source, features = "random", vgg16_features()
+        else:
+            path = find_vgg_weights(weights)
+            if path is None:
+                where = (f"the file {weights}" if weights else
+                         f"{VGG16_WEIGHTS_FILE} in {torch.hub.get_dir()}/checkpoints/")
+                raise FileNotFoundError(
+                    f"VGG16 ImageNet weights not found ({where}); nothing is downloaded. Pass the "
+                    f"path of {VGG16_WEIGHTS_FILE}, or copy it into the torch hub cache "
+                    f"({torch.hub.get_dir()}/checkpoints/), or use the lower-quality L1 fallback "
+                    f"(--perceptual l1).")
+            self.source, features = path, load_vgg16_features(path)
+        if not all(0 <= i < len(features) for i in self.layer_ids):
+            raise ValueError(f"layer ids must lie in 0..{len(features) - 1}, got {self.layer_ids}")
+        # The seed keeps conv outputs that torchvision's in-place ReLU then overwrites, so its
+        # features are post-ReLU: id 2 reads relu1_2, ..., 21 reads relu4_3 (30 is pool5 anyway).
+        self.capture_ids = tuple(
+            i + 1 if isinstance(features[i], nn.Conv2d) and i + 1 < len(features)
+            and isinstance(features[i + 1], nn.ReLU) else i for i in self.layer_ids)
+        self.features = features[:max(self.capture_ids) + 1]  # later layers are never used
+        self.features.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1),
+                             persistent=False)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        """Frozen network: stays in eval mode whatever mode its parent is put in."""
+        return super().train(False)
+
+    def activations(self, x: torch.Tensor) -> list:
+        """VGG16 activations of x at `capture_ids`, one (N, C_k, H_k, W_k) tensor per id."""
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.capture_ids:
+                out.append(x)
+        return out
+
+    def forward(self, a, b):
+        n = a.shape[0]
+        loss = (a - b).abs().flatten(1).mean(1)  # (N,)
+        # one pass over both batches; VGG treats samples independently
+        for fa, fb in (f.split(n) for f in self.activations(torch.cat([a, b]))):
+            loss = loss + (fa - fb).abs().flatten(1).mean(1)
+        return loss.mean()
+
+    def extra_repr(self):
+        return (f"layer_ids={self.layer_ids}, capture_ids={self.capture_ids}, "
+                f"normalize={self.normalize}, weights={self.source!r}")
+
+
+class L1Distance(nn.Module):
+    """Mean absolute pixel difference; the offline fallback for VGGDistance, of lower quality."""
+
+    def forward(self, a, b):
+        return (a - b).abs().flatten(1).mean(1).mean()

@@ -123,6 +123,12 @@ def adversarial_loss(logits, real):
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
+def r1_penalty(real_logits, real_images):
+    """R1 = 0.5 * mean over the batch of |grad of D at the real images|^2 (graph kept)."""
+    (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+    return 0.5 * grad.pow(2).flatten(1).sum(1).mean()
+
+
 def autoencoder_losses(model, x_a, x_b, adv_weight):
     """Reconstruction of A and B plus the term that pushes both common codes towards 'B'."""
     n = x_a.shape[0]
