@@ -1,14 +1,32 @@
-"""Data: image decoding, list-file datasets, the synthetic demo set and dataset preparation.
+"""Data: image decoding, two-domain (CD) and labelled (OverLORD) datasets, demos and preparation.
 
-Preparation from the command line:
-    python data.py celeba --root img_align_celeba --attributes list_attr_celeba.txt --dest ./bald --attr Bald
+Preparation from the command line, one subcommand per source. The CD ones (content
+disentanglement) write the list files trainA/trainB/testA/testB.txt into --dest:
+    python data.py celeba --root img_align_celeba --attributes list_attr_celeba.txt --attr Bald
     python data.py folders --root DIR --dest ./mydata      # DIR/trainA, trainB, testA, testB
-    python data.py demo --dest ./demo_data                 # the synthetic faces train.py uses without --root
+    python data.py demo --dest ./demo_data                 # the faces train.py uses without --root
+(celeba --attributes writes into ./bald unless --dest says otherwise.) The OverLORD ones write one
+prepared folder (images.npy, labels.npy, ...; the format heads data.py's "OverLORD" section):
+    python data.py celeba --root img_align_celeba --identities identity_CelebA.txt --dest ol/celeba
+    python data.py ffhq --root ffhq-dataset --dest ol/ffhq             # imgs/*.png, features/*.json
+    python data.py afhq --root afhq --split train --dest ol/afhq       # afhq/train/<domain>/*
+    python data.py celebahq --root celebahq --part hair --dest ol/celebahq_hair
+    python data.py labeled --root DIR --dest ol/mine                   # DIR/<label>/*.png
+    python data.py labeled --csv list.csv --dest ol/mine               # path,label lines
+    python data.py demo_labeled --dest ol/demo           # synthetic faces, 3 hair colours, masks
 """
+import argparse
+import csv
+import inspect
+import json
+import math
 import os
+import re
+import sys
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from utils import UserError
 
@@ -36,22 +54,97 @@ def to_rgb_uint8(img):
 
 def read_image(path):
     """Decode an image file to HxWx3 uint8 RGB; None if it is missing or cannot be decoded."""
-    data = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
-    if data is None or data.size == 0:
+    try:
+        data = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
+        if data is None or data.size == 0:
+            return None
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        return None if img is None else to_rgb_uint8(img)
+    except (OSError, cv2.error):  # unreadable file, or a layout OpenCV cannot convert
         return None
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    return None if img is None else to_rgb_uint8(img)
 
 
 def write_image(path, rgb):
     """Write HxWx3 uint8 RGB to `path` (format from the extension); UserError if it cannot."""
-    ok, buf = cv2.imencode(os.path.splitext(path)[1] or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(os.path.splitext(path)[1] or ".png", bgr)
     if not ok:
         raise UserError(f"cannot encode an image as {path!r} (unknown extension?)")
     try:
         buf.tofile(path)
     except OSError as e:
         raise UserError(f"cannot write {path!r}: {e.strerror}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Files, attribute tables and square geometry (both methods)
+
+def natural_key(text):
+    """Sort key that orders digit runs numerically ("img2" before "img10", "9" before "10")."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(text))]
+
+
+def list_images(folder, key=None):
+    """Image files directly inside `folder` (hidden ones skipped), sorted by name or by `key`."""
+    names = [name for name in os.listdir(folder)
+             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+    return [os.path.join(folder, name) for name in sorted(names, key=key)]
+
+
+def require_dir(path, what):
+    """Return `path` if it is a folder, else raise a UserError naming `what` it should hold."""
+    if not os.path.isdir(path):
+        raise UserError(f"{what}: folder {path!r} does not exist")
+    return path
+
+
+def require_file(path, what):
+    """Return `path` if it is a file, else raise a UserError naming `what` it should be."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what}: file {path!r} does not exist")
+    return path
+
+
+def read_attributes(path):
+    """Yield (image name, {attribute: value}) per row of a CelebA attribute file."""
+    with open(path, encoding="utf-8") as f:
+        f.readline()  # the image count
+        names = f.readline().split()
+        if not names:
+            raise UserError(f"{path!r} is not an attribute file (a count line, then names)")
+        for line_no, line in enumerate(f, 3):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != len(names) + 1:
+                raise UserError(f"{path}:{line_no}: expected an image name and {len(names)} values")
+            try:
+                yield tokens[0], dict(zip(names, map(int, tokens[1:])))
+            except ValueError:
+                raise UserError(f"{path}:{line_no}: attribute values must be integers") from None
+
+
+def center_crop(img, crop):
+    """Central crop x crop square (crop 0 = the largest central square)."""
+    h, w = img.shape[:2]
+    crop = crop or min(h, w)
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return img[top:top + crop, left:left + crop]
+
+
+def resize_square(img, side, enlarge=cv2.INTER_CUBIC):
+    """Resize a square image: area interpolation to shrink (like PIL's), else `enlarge`."""
+    if img.shape[0] == side and img.shape[1] == side:
+        return img
+    shrink = img.shape[0] > side
+    return cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA if shrink else enlarge)
+
+
+def to_tensor(rgb, signed=True):
+    """HxWx3 uint8 -> 3xHxW float tensor in [-1, 1] (CD), or in [0, 1] when not `signed`."""
+    import torch
+    img = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()
+    return img.div_(127.5).sub_(1) if signed else img.div_(255)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,12 +221,6 @@ def read_list(list_file, image_root=""):
     return paths
 
 
-def list_images(folder):
-    """Sorted image files directly inside `folder`."""
-    return sorted(os.path.join(folder, name) for name in os.listdir(folder)
-                  if name.lower().endswith(IMAGE_EXTENSIONS))
-
-
 def domain_paths(root, image_root="", splits=SPLITS):
     """{split: [paths]} for each split, from list files or, failing that, folders."""
     if not root or not os.path.isdir(root):
@@ -154,28 +241,6 @@ def domain_paths(root, image_root="", splits=SPLITS):
     return paths
 
 
-def center_crop(img, crop):
-    """Central crop x crop square (crop 0 = the largest central square)."""
-    h, w = img.shape[:2]
-    crop = crop or min(h, w)
-    top, left = (h - crop) // 2, (w - crop) // 2
-    return img[top:top + crop, left:left + crop]
-
-
-def resize_square(img, side):
-    """Resize a square image; area interpolation when shrinking (close to PIL's antialiasing)."""
-    if img.shape[0] == side and img.shape[1] == side:
-        return img
-    shrink = img.shape[0] > side
-    return cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-
-
-def to_tensor(rgb):
-    """HxWx3 uint8 -> 3xHxW float tensor in [-1, 1]."""
-    import torch
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(127.5).sub_(1)
-
-
 def preprocess(rgb, crop, resize):
     """The CD transform without the flip: center crop, resize, [-1, 1] tensor."""
     return to_tensor(resize_square(center_crop(rgb, crop), resize))
@@ -192,7 +257,6 @@ def check_images(paths, crop, name, skip_bad=False, workers=4):
     """Decode every image once; raise a UserError naming the unreadable or too-small ones, or
     drop them with a warning when `skip_bad`. Returns the usable paths."""
     from concurrent.futures import ThreadPoolExecutor
-    from tqdm import tqdm
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(tqdm(pool.map(lambda p: _inspect(p, crop), paths, chunksize=64),
                             total=len(paths), desc=f"checking {name}", leave=False,
@@ -212,7 +276,6 @@ def check_images(paths, crop, name, skip_bad=False, workers=4):
         return paths
     if not skip_bad:
         raise UserError("; ".join(problems) + "; pass --skip_bad to train without them")
-    import sys
     print("warning: " + "; ".join(problems) + "; skipped (--skip_bad)", file=sys.stderr)
     drop = set(bad) | {p for p, _ in small}
     kept = [p for p in paths if p not in drop]
@@ -245,24 +308,33 @@ class ImageFiles:
         return torch.stack([self[(i, False)] for i in indices])
 
 
-class EndlessBatches:
-    """Batches of (index, flip) forever: epoch e is a permutation drawn from (seed, e), the short
-    tail is dropped, and `start` batches are skipped, so a run can resume mid-epoch exactly."""
+# ------------------------------------------------------------------------------------------------
+# Endless batches (both methods): a resumable sampler and one persistent DataLoader
 
-    def __init__(self, n, batch_size, seed, start=0):
-        if n < batch_size:
+class EndlessBatches:
+    """Batches of (index, flip), or of (index, seed) with `item_seeds`, forever: epoch e is a
+    permutation drawn from (seed, e), its short tail dropped when `drop_last`, and `start` batches
+    are skipped, so a run can resume mid-epoch exactly."""
+
+    def __init__(self, n, batch_size, seed, start=0, drop_last=True, item_seeds=False):
+        if n == 0 or (drop_last and n < batch_size):
             raise ValueError(f"{n} images, fewer than one batch of {batch_size}")
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.drop_last, self.item_seeds = drop_last, item_seeds
 
     def __iter__(self):
-        per_epoch = self.n // self.batch_size
+        per_epoch = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
         epoch, offset = divmod(self.start, per_epoch)
         while True:
             rng = np.random.default_rng([self.seed, epoch])
-            order, flips = rng.permutation(self.n), rng.random(self.n) < 0.5
+            order = rng.permutation(self.n)
+            if self.item_seeds:
+                extras = rng.integers(2**63, size=self.n)
+            else:
+                extras = rng.random(self.n) < 0.5
             for b in range(offset, per_epoch):
                 chunk = order[b * self.batch_size:(b + 1) * self.batch_size]
-                yield [(int(i), bool(flips[i])) for i in chunk]
+                yield [(int(i), extras[i].item()) for i in chunk]
             epoch, offset = epoch + 1, 0
 
 
@@ -270,12 +342,15 @@ def _worker_init(_):
     cv2.setNumThreads(1)
 
 
-def endless_loader(dataset, batch_size, seed, start, workers, pin_memory=False):
-    """One persistent DataLoader per domain, yielding batches forever from batch `start` on."""
+def endless_loader(dataset, batch_size, seed, start, workers, pin_memory=False, drop_last=True):
+    """One persistent DataLoader yielding batches forever from batch `start` on; a LabelledImages
+    gets (index, seed) items, an ImageFiles (index, flip)."""
     from torch.utils.data import DataLoader
-    loader = DataLoader(dataset, batch_sampler=EndlessBatches(len(dataset), batch_size, seed, start),
-                        num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=pin_memory, worker_init_fn=_worker_init)
+    batches = EndlessBatches(len(dataset), batch_size, seed, start, drop_last,
+                             item_seeds=isinstance(dataset, LabelledImages))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=pin_memory,
+                        worker_init_fn=_worker_init)
     return iter(loader)
 
 
@@ -300,7 +375,6 @@ def make_demo(dest, n_train=2000, n_test=64, size=64, seed=0):
     """Draw the synthetic two-domain demo set (A = faces with glasses) once; reuse it after."""
     if all(os.path.isfile(os.path.join(dest, f"{s}.txt")) for s in SPLITS):
         return dest
-    from tqdm import tqdm
     rng = np.random.default_rng(seed)
     splits = {}
     for split in SPLITS:
@@ -358,31 +432,27 @@ def celeba_rule(attr):
     return lambda v: "A" if v[name] == 1 else "B"
 
 
-def prepare_celeba(args):
-    """Split CelebA by an attribute into A (has it) and B; the first num_test_imgs of each are test."""
-    if not os.path.isfile(args.attributes):
-        raise UserError(f"--attributes {args.attributes!r}: no such file (list_attr_celeba.txt)")
-    if not os.path.isdir(args.root):
-        raise UserError(f"--root {args.root!r}: no such folder (img_align_celeba)")
+# where `celeba --attributes` writes its list files unless --dest says otherwise (the seed's ./bald)
+CELEBA_DOMAINS_DEST = "./bald"
+
+
+def prepare_celeba_domains(args):
+    """Split CelebA by an attribute into A (has it) and B; the first num_test_imgs of each: test."""
+    require_file(args.attributes, "--attributes (list_attr_celeba.txt)")
+    require_dir(args.root, "--root (img_align_celeba)")
     rule = celeba_rule(args.attr if args.attr else args.custom)
-    with open(args.attributes, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    names = lines[1].split()
     domains = {"A": [], "B": []}
-    for line in lines[2:]:
-        tokens = line.split()
-        if len(tokens) != len(names) + 1:
-            continue
-        domain = rule(dict(zip(names, map(int, tokens[1:]))))
+    for name, values in read_attributes(args.attributes):
+        domain = rule(values)
         if domain:
-            domains[domain].append(os.path.join(args.root, tokens[0]))
+            domains[domain].append(os.path.join(args.root, name))
     n = args.num_test_imgs
     splits = {"trainA": domains["A"][n:], "testA": domains["A"][:n],
               "trainB": domains["B"][n:], "testB": domains["B"][:n]}
     for split, paths in splits.items():
         if not paths:
             raise UserError(f"{split} would be empty: the attribute splits too few images")
-    write_splits(args.dest, splits)
+    write_splits(args.dest or CELEBA_DOMAINS_DEST, splits)
 
 
 def prepare_folders(args):
@@ -398,14 +468,717 @@ def prepare_folders(args):
     write_splits(args.dest, splits)
 
 
+# ------------------------------------------------------------------------------------------------
+# OverLORD: labelled data
+#
+# Prepared-dataset format (format_version 1), one folder holding:
+#   images.npy        uint8 (N, S, S, 3) RGB. Written row by row through np.lib.format.open_memmap
+#                     and opened with np.load(mmap_mode="r"), so sets larger than RAM still train.
+#   labels.npy        int64 (N,) in 0..K-1. Label k is the k-th distinct original value in sorted
+#                     order (numbers and digit strings compare numerically); every k has images.
+#   label_names.json  JSON list of K strings: the original value of each label ("20-29" for an FFHQ
+#                     age decade, the CelebA identity, the AFHQ folder, "female"/"male").
+#   masks.npy         optional uint8 (N, S, S) in {0, 1}: the part mask (1 = hair for celebahq).
+#   meta.json         {"format": "overlord-labelled", "format_version": 1, "source": preparer name,
+#                     "count": N, "image_size": S, "n_labels": K, "label_attribute": "age" |
+#                     "identity" | "domain" | "gender" | "label" | "hair_colour", "has_masks",
+#                     "skipped": files left out by --skip_bad, plus the preparer's own settings}.
+# Every file is first written as NAME.partial and renamed at the end, meta.json last: a folder
+# without meta.json is an interrupted preparation, and load_prepared refuses it. A destination that
+# holds any file other than these (or their .partial leftovers) is never written into.
+#
+# Images are center-cropped to a square (CelebA: the fixed --crop_size window of SPEC B2), then
+# resized with area interpolation when shrinking and bicubic when enlarging. Masks are reduced to
+# one channel (max over channels), resized the same way (nearest when enlarging), kept where >= 128.
+
+FORMAT_NAME = "overlord-labelled"
+FORMAT_VERSION = 1
+PREPARED_FILES = ("images.npy", "labels.npy", "label_names.json", "masks.npy", "meta.json")
+PARTIAL = ".partial"
+SHOWN_PROBLEMS = 3  # how many unusable files an error message names
+
+
+def label_sort_key(value):
+    """Sort key for raw label values: numbers numerically, strings naturally."""
+    if isinstance(value, (int, np.integer)):
+        return (0, [(0, int(value), "")])
+    return (1, natural_key(value))
+
+
+def remap_labels(values, name=str):
+    """Map raw label values to 0..K-1 in sorted order; returns (int64 labels, K names)."""
+    distinct = sorted(set(values), key=label_sort_key)
+    index = {value: k for k, value in enumerate(distinct)}
+    return np.array([index[v] for v in values], dtype=np.int64), [str(name(v)) for v in distinct]
+
+
+def binary_mask(mask, size):
+    """A 2-D or 3-D part mask of any size as size x size uint8 in {0, 1} (>= 128 after resizing)."""
+    if mask.ndim == 3:
+        mask = mask.max(axis=2)
+    if mask.max() <= 1:  # a mask stored as 0/1 rather than 0/255
+        mask = mask * np.uint8(255)
+    mask = resize_square(center_crop(mask, 0), size, enlarge=cv2.INTER_NEAREST)
+    return (mask >= 128).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# OverLORD: writing a prepared folder
+
+def is_own_file(name):
+    """True for the prepared-dataset files and the .partial leftovers of an interrupted run."""
+    return any(name == f or (name.startswith(f + ".") and name.endswith(PARTIAL))
+               for f in PREPARED_FILES)
+
+
+def check_dest(dest):
+    """Create `dest`, or make sure it holds nothing but a prepared dataset; UserError otherwise."""
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise UserError(f"--dest {dest!r} is a file, not a folder")
+    try:
+        os.makedirs(dest, exist_ok=True)
+        foreign = sorted(n for n in os.listdir(dest) if not is_own_file(n))
+    except OSError as e:
+        raise UserError(f"cannot use --dest {dest!r}: {e.strerror}") from None
+    if foreign:
+        others = f" and {len(foreign) - 1} other entries" if len(foreign) > 1 else ""
+        raise UserError(f"refusing to write into {dest!r}: it holds {foreign[0]!r}{others} and is "
+                        "not a prepared dataset; choose a new or empty --dest")
+    return dest
+
+
+class PreparedWriter:
+    """Streams rows into DEST/*.partial memmaps; `finish` renames them into place (format above)."""
+
+    def __init__(self, dest, capacity, size, with_masks=False):
+        self.created = not os.path.isdir(dest)
+        self.dest, self.size, self.count, self.values = check_dest(dest), size, 0, []
+        self.arrays = {}
+        try:
+            self.arrays["images.npy"] = np.lib.format.open_memmap(
+                self.partial("images.npy"), "w+", np.uint8, (capacity, size, size, 3))
+            if with_masks:
+                self.arrays["masks.npy"] = np.lib.format.open_memmap(
+                    self.partial("masks.npy"), "w+", np.uint8, (capacity, size, size))
+        except OSError as e:
+            self.abort()
+            raise UserError(f"cannot write into {dest!r}: {e.strerror}") from None
+
+    def partial(self, name):
+        """The temporary path of prepared file `name`."""
+        return os.path.join(self.dest, name + PARTIAL)
+
+    def add(self, img, value, mask=None):
+        """Append one S x S x 3 uint8 image with its raw label value (and S x S mask; None = 0)."""
+        self.arrays["images.npy"][self.count] = img
+        if "masks.npy" in self.arrays:
+            self.arrays["masks.npy"][self.count] = 0 if mask is None else mask
+        self.values.append(value)
+        self.count += 1
+
+    def cut(self, name):
+        """Shrink the .partial array `name` to the rows written, copying in chunks (never all)."""
+        source = np.load(self.partial(name), mmap_mode="r")
+        if len(source) == self.count:
+            return
+        target = np.lib.format.open_memmap(self.partial(name + ".cut"), "w+", source.dtype,
+                                           (self.count,) + source.shape[1:])
+        step = max(1, (64 << 20) // max(1, source[0].nbytes))
+        for start in range(0, self.count, step):
+            stop = min(start + step, self.count)
+            target[start:stop] = source[start:stop]
+        target.flush()
+        del source, target
+        os.replace(self.partial(name + ".cut"), self.partial(name))
+
+    def write_json(self, name, obj):
+        """Write `obj` as the .partial of prepared file `name`."""
+        with open(self.partial(name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+
+    def finish(self, source, label_attribute, name=str, **extra):
+        """Remap labels, write labels/names/meta and move every file into place; returns dest."""
+        if self.count == 0:
+            raise UserError(f"no usable images for {source}; nothing was written to {self.dest!r}")
+        for array_name in list(self.arrays):
+            self.arrays.pop(array_name).flush()
+            self.cut(array_name)
+        has_masks = os.path.exists(self.partial("masks.npy"))
+        labels, names = remap_labels(self.values, name)
+        with open(self.partial("labels.npy"), "wb") as f:
+            np.save(f, labels)
+        self.write_json("label_names.json", names)
+        self.write_json("meta.json", dict(
+            format=FORMAT_NAME, format_version=FORMAT_VERSION, source=source, count=self.count,
+            image_size=self.size, n_labels=len(names), label_attribute=label_attribute,
+            has_masks=has_masks, **extra))
+        # drop the completeness marker first, so a crash mid-swap leaves an incomplete folder
+        final = {n: os.path.join(self.dest, n) for n in PREPARED_FILES}
+        if os.path.exists(final["meta.json"]):
+            os.remove(final["meta.json"])
+        for n in PREPARED_FILES[:-1]:
+            if os.path.exists(self.partial(n)):
+                os.replace(self.partial(n), final[n])
+            elif os.path.exists(final[n]):
+                os.remove(final[n])  # masks.npy of an earlier preparation into the same folder
+        os.replace(self.partial("meta.json"), final["meta.json"])
+        return self.dest
+
+    def abort(self):
+        """Remove the .partial files (a complete earlier dataset stays) and a folder we created."""
+        self.arrays.clear()
+        for n in os.listdir(self.dest):
+            if n.endswith(PARTIAL) and is_own_file(n):
+                os.remove(os.path.join(self.dest, n))
+        if self.created and not os.listdir(self.dest):
+            os.rmdir(self.dest)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if kind is not None:
+            self.abort()
+        return False
+
+
+def name_problems(problems):
+    """The first few unusable files, each with why, as one line."""
+    shown = "; ".join(f"{path} ({why})" for path, why in problems[:SHOWN_PROBLEMS])
+    more = len(problems) - SHOWN_PROBLEMS
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+def prepare_from_files(dest, items, img_size, source, label_attribute, name=str, skip_bad=False,
+                       crop=0, with_masks=False, **extra):
+    """Decode, center-crop (`crop` 0: the largest square) and resize `items` [(path, raw label,
+    mask path or None)] into `dest`."""
+    problems = [(path, "no such file") for path, _, _ in items if not os.path.isfile(path)]
+    if problems and not skip_bad:
+        raise UserError(f"{len(problems)} of {len(items)} images are missing: "
+                        f"{name_problems(problems)}; fix the paths, or pass --skip_bad to leave "
+                        "them out")
+    missing = {path for path, _ in problems}
+    todo = [item for item in items if item[0] not in missing]
+    if not todo:
+        raise UserError(f"none of the {len(items)} listed images exists, e.g. {items[0][0]}")
+    with PreparedWriter(dest, len(todo), img_size, with_masks) as writer:
+        for path, value, mask_path in tqdm(todo, desc=f"preparing {source}", unit="img"):
+            try:
+                img = read_image(path)
+                if img is None:
+                    raise ValueError("cannot be decoded")
+                if crop and min(img.shape[:2]) < crop:
+                    raise ValueError(f"{img.shape[1]}x{img.shape[0]} px is smaller than "
+                                     f"--crop_size {crop}")
+                img = resize_square(center_crop(img, crop), img_size)
+                mask = None
+                if mask_path is not None:
+                    mask = read_image(mask_path)
+                    if mask is None:
+                        raise ValueError(f"its mask {mask_path} cannot be decoded")
+                    mask = binary_mask(mask, img_size)
+            except ValueError as e:
+                problems.append((path, str(e)))
+                continue
+            writer.add(img, value, mask)
+        if problems and not skip_bad:
+            raise UserError(f"{len(problems)} of {len(items)} images are unusable: "
+                            f"{name_problems(problems)}; fix or remove them, or pass --skip_bad "
+                            "to leave them out")
+        if problems:
+            print(f"warning: left out {len(problems)} of {len(items)} unusable images: "
+                  f"{name_problems(problems)}", file=sys.stderr)
+        return writer.finish(source, label_attribute, name=name, skipped=len(problems), **extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# OverLORD: preparers (SPEC B2, with the fixes of B9)
+
+def decade_name(decade):
+    """Name of an age decade: 2 -> "20-29"."""
+    return f"{10 * decade}-{10 * decade + 9}"
+
+
+def ffhq_features_path(features_dir, img_path):
+    """An FFHQ image's features JSON: STEM.json, else its trailing number as NNNNN.json; or None."""
+    stem = os.path.splitext(os.path.basename(img_path))[0]
+    digits = re.search(r"(\d+)$", stem)
+    for candidate in [stem] + ([f"{int(digits.group(1)):05d}"] if digits else []):
+        path = os.path.join(features_dir, candidate + ".json")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def ffhq_age(features_path):
+    """Age of the first face in an ffhq-features-dataset JSON; None when it lists no face."""
+    try:
+        with open(features_path, encoding="utf-8") as f:
+            faces = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read features file {features_path!r}: {e}") from None
+    if not faces:
+        return None
+    try:
+        return float(faces[0]["faceAttributes"]["age"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise UserError(f"{features_path!r} is not a list of faces with faceAttributes.age "
+                        "(ffhq-features-dataset format)") from None
+
+
+def prepare_ffhq(root, dest, img_size=256, skip_bad=False):
+    """FFHQ labelled by age decade (ffhq-features-dataset); images with no detected face dropped."""
+    require_dir(root, "FFHQ root")
+    img_dir = require_dir(os.path.join(root, "imgs"), "FFHQ images (imgs/*.png)")
+    features_dir = require_dir(os.path.join(root, "features"),
+                               "FFHQ features (features/NNNNN.json of ffhq-features-dataset)")
+    # counted, not assumed to be 70,000 (seed bug B9 #9)
+    paths = list_images(img_dir, key=natural_key)
+    if not paths:
+        raise UserError(f"no images in {img_dir!r}")
+    items, dropped = [], []
+    for path in tqdm(paths, desc="reading ffhq features", unit="file"):
+        features_path = ffhq_features_path(features_dir, path)
+        age = None if features_path is None else ffhq_age(features_path)
+        if age is None:
+            dropped.append(path)
+        else:
+            items.append((path, int(math.floor(age)) // 10, None))
+    if not items:
+        raise UserError(f"none of the {len(paths)} images in {img_dir!r} has a face in "
+                        f"{features_dir!r} (missing or empty JSON files)")
+    if dropped:
+        print(f"note: dropped {len(dropped)} of {len(paths)} images whose features JSON is missing "
+              f"or lists no face, e.g. {dropped[0]}", file=sys.stderr)
+    return prepare_from_files(dest, items, img_size, "ffhq", "age", name=decade_name,
+                              skip_bad=skip_bad, root=os.path.abspath(root),
+                              dropped_without_face=len(dropped))
+
+
+def read_identities(path):
+    """(image name, identity string) pairs of a CelebA identity file ("000001.jpg 2295" lines)."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != 2:
+                raise UserError(f"{path}:{line_no}: expected 'IMAGE_NAME IDENTITY', "
+                                f"got {line.strip()!r}")
+            pairs.append((tokens[0], tokens[1]))
+    if not pairs:
+        raise UserError(f"identity file {path!r} lists no images")
+    return pairs
+
+
+def prepare_celeba_identities(root, identities, dest, crop_size=128, img_size=128,
+                              n_identities=None, seed=0, skip_bad=False):
+    """CelebA aligned faces labelled by identity: fixed center crop, then resize."""
+    require_dir(root, "CelebA images (img_align_celeba)")
+    require_file(identities, "CelebA identity list (identity_CelebA.txt)")
+    # the list names .jpg files; the folder may hold the .png release: match by stem
+    by_stem = {}
+    for path in list_images(root):
+        by_stem.setdefault(os.path.splitext(os.path.basename(path))[0], path)
+    pairs = read_identities(identities)
+    items = [(by_stem.get(os.path.splitext(n)[0], os.path.join(root, n)), ident, None)
+             for n, ident in pairs]
+    if n_identities is not None:
+        # sorted ids and a seeded choice, so a subset is the same on every run (seed bug B9 #1)
+        distinct = sorted({ident for _, ident in pairs}, key=label_sort_key)
+        if not 0 < n_identities <= len(distinct):
+            raise UserError(f"--n_identities must be between 1 and {len(distinct)}, "
+                            f"the number of identities in {identities!r}")
+        picked = np.random.default_rng(seed).choice(len(distinct), n_identities, replace=False)
+        chosen = {distinct[i] for i in picked}
+        items = [item for item in items if item[1] in chosen]
+    return prepare_from_files(dest, items, img_size, "celeba", "identity", skip_bad=skip_bad,
+                              crop=crop_size, root=os.path.abspath(root), crop_size=crop_size,
+                              n_identities=n_identities, seed=seed)
+
+
+def folder_items(folder):
+    """(path, label) items of FOLDER/<label>/<image>, labels being the sorted subfolder names."""
+    labels = sorted((n for n in os.listdir(folder)
+                     if not n.startswith(".") and os.path.isdir(os.path.join(folder, n))),
+                    key=natural_key)
+    if not labels:
+        raise UserError(f"{folder!r} has no subfolders; expected one subfolder of images per label")
+    items = [(path, label, None) for label in labels
+             for path in list_images(os.path.join(folder, label), key=natural_key)]
+    if not items:
+        raise UserError(f"the label subfolders of {folder!r} hold no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
+    return items
+
+
+def prepare_afhq(root, dest, split="train", img_size=256, skip_bad=False):
+    """AFHQ labelled by domain (the sorted folders of SPLIT/, e.g. cat, dog, wild)."""
+    require_dir(root, "AFHQ root")
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        found = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+        choices = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise UserError(f"AFHQ split folder {split_dir!r} does not exist; "
+                        f"--split can be one of: {choices or 'nothing (no subfolders)'}")
+    return prepare_from_files(dest, folder_items(split_dir), img_size, "afhq", "domain",
+                              skip_bad=skip_bad, root=os.path.abspath(root), split=split)
+
+
+def part_masks(mask_dir, part):
+    """Map 5-digit image id -> path of its `part` mask in CelebAMask-HQ-mask-anno/*/ID_PART.png."""
+    masks = {}
+    for sub in sorted(os.listdir(mask_dir)):
+        sub_dir = os.path.join(mask_dir, sub)
+        if os.path.isdir(sub_dir):
+            for n in os.listdir(sub_dir):
+                image_id, _, rest = n.partition("_")
+                if rest == f"{part}.png":
+                    masks[image_id] = os.path.join(sub_dir, n)
+    if not masks:
+        raise UserError(f"no *_{part}.png masks under {mask_dir!r}; check --part "
+                        "(e.g. hair, skin, hat, l_brow)")
+    return masks
+
+
+def prepare_celebahq(root, dest, part="hair", img_size=256, skip_bad=False):
+    """CelebA-HQ labelled by gender (attribute Male), with part masks (zeros where none)."""
+    require_dir(root, "CelebA-HQ root")
+    anno = os.path.join(root, "CelebAMask-HQ")
+    img_dir = os.path.join(root, "imgs")
+    if not os.path.isdir(img_dir):
+        img_dir = require_dir(os.path.join(anno, "CelebA-HQ-img"),
+                              f"CelebA-HQ images (neither {img_dir!r} nor this)")
+    attr_path = require_file(os.path.join(anno, "CelebAMask-HQ-attribute-anno.txt"),
+                             "CelebAMask-HQ attributes")
+    masks = part_masks(require_dir(os.path.join(anno, "CelebAMask-HQ-mask-anno"),
+                                   "CelebAMask-HQ masks"), part)
+    male = {os.path.splitext(name)[0]: values.get("Male")
+            for name, values in read_attributes(attr_path)}
+    if None in male.values():
+        raise UserError(f"{attr_path!r} has no 'Male' column")
+    paths = list_images(img_dir, key=natural_key)
+    if not paths:
+        raise UserError(f"no images in {img_dir!r}")
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    unlisted = [p for p, s in zip(paths, stems) if s not in male]
+    if unlisted:
+        raise UserError(f"{len(unlisted)} images have no row in {attr_path!r}, e.g. {unlisted[0]}")
+    items = [(p, int(male[s] == 1), masks.get(f"{int(s):05d}" if s.isdigit() else s))
+             for p, s in zip(paths, stems)]
+    return prepare_from_files(dest, items, img_size, "celebahq", "gender",
+                              name=lambda v: ("female", "male")[v], skip_bad=skip_bad,
+                              with_masks=True, root=os.path.abspath(root), mask_part=part,
+                              images_without_mask=sum(m is None for _, _, m in items))
+
+
+def csv_items(csv_path):
+    """(path, label) items of a CSV of path,label lines; relative paths start at its folder."""
+    base = os.path.dirname(os.path.abspath(csv_path))
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = [(n, row) for n, row in enumerate(csv.reader(f), 1) if any(c.strip() for c in row)]
+    items = []
+    for row_index, (line_no, row) in enumerate(rows):
+        if len(row) != 2:
+            raise UserError(f"{csv_path}:{line_no}: expected 'path,label', got {','.join(row)!r}")
+        path, label = os.path.join(base, row[0].strip()), row[1].strip()
+        header = not os.path.isfile(path) and not path.lower().endswith(IMAGE_EXTENSIONS)
+        if row_index == 0 and header:
+            continue
+        if not label:
+            raise UserError(f"{csv_path}:{line_no}: the label is empty")
+        items.append((path, label, None))
+    if not items:
+        raise UserError(f"{csv_path!r} lists no images")
+    return items
+
+
+def prepare_labeled(dest, root=None, csv_path=None, img_size=64, skip_bad=False):
+    """Any labelled images: DIR/<label>/<image> under --root, or --csv lines of path,label."""
+    if (root is None) == (csv_path is None):
+        raise UserError("give exactly one of --root (one subfolder per label) or --csv "
+                        "(path,label lines)")
+    if csv_path is not None:
+        items = csv_items(require_file(csv_path, "--csv"))
+        origin = dict(csv=os.path.abspath(csv_path))
+    else:
+        items = folder_items(require_dir(root, "--root"))
+        origin = dict(root=os.path.abspath(root))
+    return prepare_from_files(dest, items, img_size, "labeled", "label", skip_bad=skip_bad,
+                              **origin)
+
+
+# ------------------------------------------------------------------------------------------------
+# OverLORD: the synthetic labelled demo (faces labelled by hair colour, with hair masks)
+
+DEMO_HAIR = {"black": 0, "blonde": 2, "red": 3}  # label name -> index into HAIR_COLOURS
+DEMO_VERSION = 1  # bump when the drawing changes, so stale demo folders are redrawn
+
+
+def draw_demo_face(seed, index, size, glasses, hair, with_mask=True):
+    """Face `index` of the demo with the given hair colour, and its hair mask (or None)."""
+    img = draw_face(np.random.default_rng([seed, index]), size, glasses=glasses, hair=hair)
+    if not with_mask:
+        return img, None
+    # the same random stream with a contrasting hair colour differs exactly where hair shows;
+    # the difference scales with the hair's coverage of each pixel, so half the full gap is 50%
+    other = 2 if hair == 0 else 0
+    reference = draw_face(np.random.default_rng([seed, index]), size, glasses=glasses, hair=other)
+    gap = np.abs(img.astype(np.int16) - reference).max(axis=2)
+    full = np.abs(np.subtract(HAIR_COLOURS[hair], HAIR_COLOURS[other])).max()
+    return img, (2 * gap >= full).astype(np.uint8)
+
+
+def make_demo_labeled(dest, n=512, size=64, seed=0, masks=True):
+    """Synthetic faces labelled by hair colour (3 labels) with hair masks; reused if they match."""
+    settings = dict(n=n, size=size, seed=seed, masks=masks, version=DEMO_VERSION)
+    try:
+        if load_prepared(dest).meta.get("demo") == settings:
+            return dest
+    except UserError:
+        pass  # absent, incomplete or different: (re)draw it
+    if n < len(DEMO_HAIR):
+        raise UserError(f"the demo needs at least {len(DEMO_HAIR)} images (one per hair colour)")
+    names = list(DEMO_HAIR)
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(names))  # balanced labels
+    glasses = rng.random(n) < 0.5  # an unlabelled attribute the per-image code must carry
+    with PreparedWriter(dest, n, size, with_masks=masks) as writer:
+        for i in tqdm(range(n), desc="drawing demo faces", unit="img"):
+            img, mask = draw_demo_face(seed, i, size, bool(glasses[i]), DEMO_HAIR[names[labels[i]]],
+                                       with_mask=masks)
+            writer.add(img, int(labels[i]), mask)
+        return writer.finish("demo", "hair_colour", name=lambda k: names[k], demo=settings)
+
+
+# ------------------------------------------------------------------------------------------------
+# OverLORD: loading a prepared folder, augmentation, the Dataset
+
+class Prepared:
+    """A validated prepared dataset; images and masks are memory-mapped, lazily in each process."""
+
+    def __init__(self, folder):
+        self.folder, self._images, self._masks = folder, None, None
+        if not os.path.isdir(folder):
+            raise UserError(f"no prepared dataset at {folder!r} (no such folder); create one with "
+                            f"`python data.py SOURCE ... --dest {folder}` (python data.py -h)")
+        interrupted = any(n.endswith(PARTIAL) for n in os.listdir(folder))
+        for n in ("images.npy", "labels.npy", "label_names.json", "meta.json"):
+            if not os.path.isfile(os.path.join(folder, n)):
+                hint = ("its preparation was interrupted; run it again"
+                        if interrupted or n == "meta.json" else "is it a prepared dataset?")
+                raise UserError(f"{folder!r} has no {n}: {hint}")
+        self.meta = self.read_json("meta.json")
+        if not isinstance(self.meta, dict):
+            raise UserError(f"{self.path('meta.json')!r} is not a JSON object")
+        self.label_names = self.read_json("label_names.json")
+        if not (isinstance(self.label_names, list) and self.label_names
+                and all(isinstance(n, str) for n in self.label_names)):
+            raise UserError(f"{self.path('label_names.json')!r} is not a non-empty list of strings")
+        n, size = self.validate_images()
+        self.labels = self.validate_labels(n)
+        has_masks = os.path.isfile(self.path("masks.npy"))
+        if self.meta.get("has_masks") and not has_masks:
+            raise UserError(f"{folder!r} has no masks.npy, but its meta.json says it has masks")
+        if has_masks:
+            self.validate_masks(n, size)
+
+    def path(self, name):
+        """Path of file `name` of this dataset."""
+        return os.path.join(self.folder, name)
+
+    def read_json(self, name):
+        """Parse one of the JSON files; UserError if it is unreadable."""
+        try:
+            with open(self.path(name), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {self.path(name)!r}: {e}") from None
+
+    def open_array(self, name):
+        """np.load one .npy file memory-mapped; UserError if it is unreadable."""
+        try:
+            return np.load(self.path(name), mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {self.path(name)!r}: {e}") from None
+
+    def validate_images(self):
+        """Check images.npy is uint8 N x H x W x 3 and agrees with meta.json; gives (N, (H, W))."""
+        images = self.images
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise UserError(f"{self.path('images.npy')!r} holds {images.dtype} {images.shape}; "
+                            "expected uint8 N x H x W x 3")
+        if self.meta.get("count", len(images)) != len(images):
+            raise UserError(f"{self.path('images.npy')!r} holds {len(images)} images but meta.json "
+                            f"says {self.meta['count']}")
+        return len(images), images.shape[1:3]
+
+    def validate_labels(self, n):
+        """Load labels.npy as int64 and check its count and its range 0..K-1."""
+        labels = np.array(self.open_array("labels.npy"))
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise UserError(f"{self.path('labels.npy')!r} holds {labels.dtype} {labels.shape}; "
+                            "expected a 1-D integer array")
+        if len(labels) != n:
+            raise UserError(f"{self.path('labels.npy')!r} holds {len(labels)} labels but "
+                            f"images.npy holds {n} images")
+        k = len(self.label_names)
+        if n and (labels.min() < 0 or labels.max() >= k):
+            raise UserError(f"{self.path('labels.npy')!r} has labels {labels.min()}.."
+                            f"{labels.max()} outside 0..{k - 1} (label_names.json names {k})")
+        return labels.astype(np.int64)
+
+    def validate_masks(self, n, size):
+        """Check masks.npy is uint8 N x H x W matching the images."""
+        masks = self.masks
+        if masks.dtype != np.uint8 or masks.ndim != 3:
+            raise UserError(f"{self.path('masks.npy')!r} holds {masks.dtype} {masks.shape}; "
+                            "expected uint8 N x H x W")
+        if len(masks) != n:
+            raise UserError(f"{self.path('masks.npy')!r} holds {len(masks)} masks but images.npy "
+                            f"holds {n} images")
+        if masks.shape[1:] != size:
+            raise UserError(f"{self.path('masks.npy')!r} masks are {masks.shape[2]}x"
+                            f"{masks.shape[1]} but the images are {size[1]}x{size[0]}")
+
+    @property
+    def images(self):
+        """uint8 (N, H, W, 3) memory map."""
+        if self._images is None:
+            self._images = self.open_array("images.npy")
+        return self._images
+
+    @property
+    def masks(self):
+        """uint8 (N, H, W) memory map, or None when the dataset has no masks."""
+        if self._masks is None and os.path.isfile(self.path("masks.npy")):
+            self._masks = self.open_array("masks.npy")
+        return self._masks
+
+    @property
+    def image_size(self):
+        """Side S of the (square) images."""
+        return self.images.shape[1]
+
+    @property
+    def n_labels(self):
+        """Number of labels K."""
+        return len(self.label_names)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def config_fields(self):
+        """The fields training derives from the data (SPEC B2): img_shape, n_imgs, n_labels."""
+        return dict(img_shape=list(self.images.shape[1:]), n_imgs=len(self), n_labels=self.n_labels)
+
+    def __getstate__(self):
+        # memory maps are reopened in each DataLoader worker rather than pickled (copied) whole
+        return dict(self.__dict__, _images=None, _masks=None)
+
+
+def load_prepared(folder):
+    """Open and validate a prepared dataset folder; UserError with one clear line if it is bad."""
+    return Prepared(folder)
+
+
+class CorrelationAugment:
+    """The view the correlated encoder sees (SPEC B1): random square crop, rotation, h-flip."""
+
+    def __init__(self, size, scale, rotation=0.0, flip_horizontal=True):
+        from torchvision.transforms import v2
+        steps = [v2.RandomResizedCrop(size, scale=tuple(scale), ratio=(1.0, 1.0), antialias=True)]
+        if rotation:
+            steps.append(v2.RandomRotation(rotation))
+        if flip_horizontal:
+            steps.append(v2.RandomHorizontalFlip(0.5))
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, img, seed=None):
+        """Augment a (3, H, W) float image in [0, 1]; draws from `seed` alone if given."""
+        if seed is None:  # torch's global CPU generator (seeded per DataLoader worker)
+            return self.transform(img).clamp_(0.0, 1.0)
+        import torch
+        # torchvision draws from the global CPU generator: seed it in a fork that is undone after;
+        # default_generator rather than torch.manual_seed, which would reseed the GPUs too
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(int(seed))
+            return self(img)
+
+
+class LabelledImages:
+    """Samples of a prepared dataset: img (3,H,W) in [0,1], label, index; optional views (B1)."""
+
+    def __init__(self, prepared, augment=None, with_masks=False):
+        self.data = prepared if isinstance(prepared, Prepared) else load_prepared(prepared)
+        if with_masks and self.data.masks is None:
+            raise UserError(f"{self.data.folder!r} has no masks.npy, which the localized "
+                            "correlation needs; prepare it with masks (e.g. celebahq --part hair)")
+        if isinstance(augment, dict):
+            augment = CorrelationAugment(self.data.image_size, **augment)
+        self.augment, self.with_masks = augment, with_masks
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, item):
+        """Sample `item` = index, or (index, seed) to draw the augmentation from that seed alone."""
+        import torch
+        index, seed = item if isinstance(item, (tuple, list)) else (item, None)
+        index = int(index)
+        img = to_tensor(self.data.images[index], signed=False)  # (3, H, W), a copy of the row
+        sample = dict(img=img, label=torch.tensor(self.data.labels[index], dtype=torch.int64),
+                      index=torch.tensor(index, dtype=torch.int64))
+        view = img
+        if self.with_masks:
+            mask = torch.from_numpy(np.array(self.data.masks[index]) > 0).float()[None]  # (1, H, W)
+            view = sample["img_masked"] = img * mask  # masked before augmentation (localized)
+            sample["mask"] = mask
+        if self.augment is not None:
+            sample["img_augmented"] = self.augment(view, None if seed is None else int(seed))
+        return sample
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: one subcommand per source; an OverLORD preparer's flag defaults come from its
+# signature
+
+SKIP_BAD_HELP = "leave out missing or undecodable images instead of stopping"
+
+
+def add_flag(parser, function, name, flag=None, **kwargs):
+    """Add the flag of `function`'s parameter `name`; its default comes from the signature."""
+    default = inspect.signature(function).parameters[name].default
+    if default is inspect.Parameter.empty:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = default
+        if default is not None and not isinstance(default, bool):
+            kwargs["help"] += " (default: %(default)s)"
+    parser.add_argument(flag or f"--{name}", dest=name, **kwargs)
+
+
 def add_celeba_arguments(p):
     p.add_argument("--root", required=True, help="CelebA image folder (img_align_celeba)")
-    p.add_argument("--attributes", required=True, help="path of list_attr_celeba.txt")
-    p.add_argument("--dest", default="./bald", help="output folder for the four list files")
-    p.add_argument("--attr", default="", help="attribute name (e.g. Bald, Eyeglasses) or a "
-                   "preset: glasses, mouth, beard; overrides --custom")
-    p.add_argument("--custom", type=int, default=5, help="1-based attribute column (5 = Bald)")
-    p.add_argument("--num_test_imgs", type=int, default=64, help="test images per domain")
+    p.add_argument("--dest", help=f"output folder (with --attributes: {CELEBA_DOMAINS_DEST} if not "
+                   "given; with --identities: required)")
+    cd = p.add_argument_group("CD two-domain split (list files)")
+    cd.add_argument("--attributes", help="path of list_attr_celeba.txt")
+    cd.add_argument("--attr", default="", help="attribute name (e.g. Bald, Eyeglasses) or a "
+                    "preset: glasses, mouth, beard; overrides --custom")
+    cd.add_argument("--custom", type=int, default=5, help="1-based attribute column (5 = Bald)")
+    cd.add_argument("--num_test_imgs", type=int, default=64, help="test images per domain")
+    ol = p.add_argument_group("OverLORD identity-labelled set (prepared folder)")
+    ol.add_argument("--identities", help="path of identity_CelebA.txt ('IMAGE ID' lines)")
+    add_flag(ol, prepare_celeba_identities, "crop_size", type=int, help="side of the center crop")
+    add_flag(ol, prepare_celeba_identities, "img_size", type=int, help="output image side")
+    add_flag(ol, prepare_celeba_identities, "n_identities", type=int,
+             help="keep a random subset of this many identities (all if not given)")
+    add_flag(ol, prepare_celeba_identities, "seed", type=int,
+             help="seed of the --n_identities subset")
+    add_flag(ol, prepare_celeba_identities, "skip_bad", action="store_true", help=SKIP_BAD_HELP)
 
 
 def add_folders_arguments(p):
@@ -419,23 +1192,98 @@ def add_demo_arguments(p):
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
 
 
+def add_ffhq_arguments(p):
+    add_flag(p, prepare_ffhq, "root", help="folder with imgs/*.png and features/NNNNN.json")
+    add_flag(p, prepare_ffhq, "img_size", type=int, help="output image side")
+
+
+def add_afhq_arguments(p):
+    add_flag(p, prepare_afhq, "root", help="AFHQ folder holding SPLIT/<domain>/*")
+    add_flag(p, prepare_afhq, "split", help="split subfolder: train, test or val")
+    add_flag(p, prepare_afhq, "img_size", type=int, help="output image side")
+
+
+def add_celebahq_arguments(p):
+    add_flag(p, prepare_celebahq, "root",
+             help="folder with imgs/<id>.jpg and CelebAMask-HQ/ (attributes, mask-anno)")
+    add_flag(p, prepare_celebahq, "part", help="mask part name, as in ID_PART.png")
+    add_flag(p, prepare_celebahq, "img_size", type=int, help="output image side")
+
+
+def add_labeled_arguments(p):
+    add_flag(p, prepare_labeled, "root", help="folder with one subfolder of images per label")
+    add_flag(p, prepare_labeled, "csv_path", flag="--csv",
+             help="instead of --root: CSV of path,label lines (paths relative to the CSV)")
+    add_flag(p, prepare_labeled, "img_size", type=int, help="output image side")
+
+
+def add_demo_labeled_arguments(p):
+    add_flag(p, make_demo_labeled, "n", type=int, help="number of faces")
+    add_flag(p, make_demo_labeled, "size", type=int, help="image side")
+    add_flag(p, make_demo_labeled, "seed", type=int, help="drawing seed")
+    add_flag(p, make_demo_labeled, "masks", action=argparse.BooleanOptionalAction,
+             help="also write hair masks (for the localized correlation)")
+
+
+def run_labelled(prepare, args):
+    """Call an OverLORD preparer with the flags that belong to it; print what it wrote."""
+    params = inspect.signature(prepare).parameters
+    data = load_prepared(prepare(**{k: v for k, v in vars(args).items() if k in params}))
+    print(f"{data.folder}: {len(data)} images of {data.image_size} px, {data.n_labels} labels "
+          f"({data.meta['label_attribute']})" + (", with masks" if data.masks is not None else ""))
+
+
+def labelled_preparer(prepare, add_arguments):
+    """The PREPARERS entry of an OverLORD preparer: its flags, plus --dest and --skip_bad."""
+    def add_all(p):
+        add_arguments(p)
+        add_flag(p, prepare, "dest", help="output folder (a new, empty or prepared one)")
+        if "skip_bad" in inspect.signature(prepare).parameters:
+            add_flag(p, prepare, "skip_bad", action="store_true", help=SKIP_BAD_HELP)
+    return prepare.__doc__, add_all, lambda args: run_labelled(prepare, args)
+
+
+def prepare_celeba(args):
+    """CelebA: --attributes splits two CD domains; --identities prepares OverLORD identities."""
+    if (args.attributes is None) == (args.identities is None):
+        raise UserError("celeba needs exactly one of --attributes list_attr_celeba.txt (the CD "
+                        "two-domain split) or --identities identity_CelebA.txt (the OverLORD "
+                        "identity-labelled set)")
+    if args.attributes is not None:
+        prepare_celeba_domains(args)
+    elif not args.dest:
+        raise UserError("celeba --identities needs --dest, the folder to write the prepared set to")
+    else:
+        run_labelled(prepare_celeba_identities, args)
+
+
 # subcommand -> (what it does, adds its flags, runs it)
 PREPARERS = {
     "celeba": (prepare_celeba.__doc__, add_celeba_arguments, prepare_celeba),
     "folders": (prepare_folders.__doc__, add_folders_arguments, prepare_folders),
     "demo": (make_demo.__doc__, add_demo_arguments,
              lambda a: print(make_demo(a.dest, a.n_train, size=a.size))),
+    "ffhq": labelled_preparer(prepare_ffhq, add_ffhq_arguments),
+    "afhq": labelled_preparer(prepare_afhq, add_afhq_arguments),
+    "celebahq": labelled_preparer(prepare_celebahq, add_celebahq_arguments),
+    "labeled": labelled_preparer(prepare_labeled, add_labeled_arguments),
+    "demo_labeled": labelled_preparer(make_demo_labeled, add_demo_labeled_arguments),
 }
 
 
-def main():
-    import argparse
+def make_parser():
+    """The argument parser: one subcommand per PREPARERS entry."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (doc, add_arguments, run) in PREPARERS.items():
+    sub = parser.add_subparsers(dest="command", required=True, metavar="DATASET")
+    for name, (doc, add_arguments, _) in PREPARERS.items():
         add_arguments(sub.add_parser(name, help=doc.splitlines()[0]))
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    """Prepare the dataset the command line names."""
+    args = make_parser().parse_args(argv)
     PREPARERS[args.command][2](args)
 
 

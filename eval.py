@@ -1,24 +1,33 @@
-"""Evaluate or apply a trained content-disentanglement model; no architecture flags are needed,
-the checkpoint carries its config.
+"""Evaluate or apply a trained model of either method. No architecture flags: the checkpoint
+carries its config, and its method decides what the flags mean.
 
+Content disentanglement:
     python eval.py --load ./result                           # grids on the run's own test data
     python eval.py --data ./bald --load ./result --out ./eval
     python eval.py --load ./result --img person.png --reference glasses.png --output out.png
     python eval.py --load ./result --img person.png --remove --output plain.png
     python eval.py --load ./result --pairs pairs.csv         # rows: img,reference,output
+
+OverLORD (after the amortisation stage):
+    python eval.py --load ./ol --img face.png --output all.png        # every label, side by side
+    python eval.py --load ./ol --img face.png --reference ref.png --output out.png
+    python eval.py --load ./ol --pairs pairs.csv             # reference may be empty: all labels
+    python eval.py --load ./ol                               # translation grids on its data
 """
 import argparse
 import csv
 import os
 import sys
 
+import numpy as np
 import torch
 
-from data import ImageFiles, check_images, domain_paths, preprocess, read_image, write_image
-from models import build_cd
+from data import (ImageFiles, LabelledImages, center_crop, check_images, domain_paths,
+                  load_prepared, preprocess, read_image, resize_square, write_image)
+from models import build_cd, build_overlord
 from train import save_transfer_grid
-from utils import (UserError, checkpoint_path, load_checkpoint, load_weights, make_output_dir, pick_device,
-                   run_cli, save_tiles)
+from utils import (UserError, checkpoint_path, load_checkpoint, load_weights, make_output_dir,
+                   pick_device, run_cli, save_tiles)
 
 INTERPOLATION_STEPS = 6   # blend weights 0, 0.2, ..., 1
 INTERPOLATION_B_IMAGES = 5
@@ -30,13 +39,16 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--load", required=True, help="run folder or checkpoint file written by train.py")
+    a("--method", choices=("cd", "overlord"), default=None,
+      help="optional: checked against the checkpoint's method")
     a("--data", "--root", dest="data", default="", help="folder with test lists or testA/ testB/ "
       "(default: the data the model was trained on)")
     a("--out", default="", help="output folder for the grids (default: LOAD/eval)")
     a("--num_display", type=int, default=0, help="test images per domain in the grids "
       "(default: the training run's)")
     a("--img", default="", help="apply mode: the image to change")
-    a("--reference", default="", help="apply mode: an A image whose attribute is put on --img")
+    a("--reference", default="", help="apply mode: an A image whose attribute is put on --img "
+      "(OverLORD: the image whose label and correlated codes are used)")
     a("--remove", action="store_true", help="apply mode: remove the attribute instead")
     a("--output", default="", help="apply mode: where to write the result (PNG or JPEG)")
     a("--pairs", default="", help="CSV of img,reference,output rows (reference may be empty "
@@ -131,9 +143,10 @@ def load_input(path, cfg, what):
     return preprocess(img, cfg["crop"], cfg["resize"])[None]
 
 
-def to_uint8(x):
-    """(3, H, W) tensor in [-1, 1] -> HxWx3 uint8."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+def to_uint8(x, low=-1.0):
+    """(3, H, W) tensor in [low, 1] -> HxWx3 uint8."""
+    x = (x.clamp(low, 1) - low) * (255 / (1 - low))
+    return x.round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def read_pairs(csv_path, remove):
@@ -173,9 +186,119 @@ def apply(model, cfg, jobs, remove, bs, device):
             print(output)
 
 
+# ------------------------------------------------------------------------------------------------
+# OverLORD: manipulation by label or by reference, translation grids
+
+def load_overlord(path, device):
+    """OverLORD model, config and finished stages from a checkpoint, in eval mode."""
+    ckpt = load_checkpoint(path, method="overlord")
+    cfg = ckpt["config"]
+    model = build_overlord(cfg)
+    load_weights(model, ckpt["models"]["model"], f"--load {path}")
+    return model.to(device).eval(), cfg, ckpt["done"]
+
+
+def overlord_input(path, size, what):
+    """An image file as a (1, 3, S, S) tensor in [0, 1]: RGB, central square, resized to S."""
+    img = read_image(path)
+    if img is None:
+        raise UserError(f"{what} {path!r}: missing or not a decodable image")
+    img = resize_square(center_crop(img, 0), size)
+    return torch.from_numpy(img.transpose(2, 0, 1).copy()).float()[None] / 255
+
+
+@torch.no_grad()
+def translate_to_every_label(model, x):
+    """(N, K+1, 3, S, S): each image followed by G([E_u(x), L[k]]) for every label k, with the
+    stage-1 label table (as the original)."""
+    u = model.uncorrelated_encoder(x)
+    labels = model.label_embedding.weight                                       # (K, label_dim)
+    out = [x]
+    for k in range(labels.shape[0]):
+        out.append(model.amortized_generator(model.latent(u, labels[k].expand(len(x), -1))))
+    return torch.stack(out, 1).clamp(0, 1)
+
+
+@torch.no_grad()
+def translate_by_reference(model, x, ref):
+    """G([E_u(x), E_l(ref)(, E_c(ref))]): x with the label (and correlated) codes of ref."""
+    _, label, correlated = model.amortized_codes(ref)
+    return model.amortized_generator(model.latent(model.uncorrelated_encoder(x), label,
+                                                  correlated)).clamp(0, 1)
+
+
+def manipulate(model, cfg, jobs, bs, device):
+    """Run (img, reference or '', output) jobs in batches; no reference = every label."""
+    size = cfg["img_shape"][0]
+    if any(not ref for _, ref, _ in jobs) and cfg["correlation"]:
+        raise UserError(f"config {cfg['preset']} is correlated ({cfg['correlation']}): "
+                        f"manipulation needs --reference (the by-label mode is for uncorrelated "
+                        f"configs, as in the original)")
+    for by_label in (True, False):
+        group = [job for job in jobs if (not job[1]) == by_label]
+        for start in range(0, len(group), bs):
+            chunk = group[start:start + bs]
+            x = torch.cat([overlord_input(img, size, "image") for img, _, _ in chunk]).to(device)
+            if by_label:
+                rows = translate_to_every_label(model, x)                  # (N, K+1, 3, S, S)
+                images = [torch.cat(list(row), 2) for row in rows]          # side by side
+            else:
+                ref = torch.cat([overlord_input(r, size, "reference") for _, r, _ in chunk])
+                images = translate_by_reference(model, x, ref.to(device))
+            for (_, _, output), image in zip(chunk, images):
+                make_output_dir(os.path.dirname(os.path.abspath(output)), "output")
+                write_image(output, to_uint8(image, low=0.0))
+                print(output)
+
+
+def overlord_grids(model, cfg, args, device):
+    """Translation grids (fixed image sample) and, for uncorrelated configs, all-label rows."""
+    from train import GRID_IMAGES, collate_items, translation_tiles
+    prepared = load_prepared(args.data or cfg["root"])
+    if prepared.config_fields()["img_shape"] != cfg["img_shape"]:
+        raise UserError(f"--data {args.data}: images of another size than the model's")
+    dataset = LabelledImages(prepared, augment=cfg["augmentation"] if cfg["correlation"] else None,
+                             with_masks=cfg["correlation"] == "localized")
+    n = min(args.num_display or GRID_IMAGES, len(dataset))
+    batch = collate_items(dataset, np.random.RandomState(0).choice(len(dataset), n, False), device)
+    out = make_output_dir(args.out or os.path.join(
+        os.path.dirname(os.path.abspath(checkpoint_path(args.load))), "eval"))
+    written = [os.path.join(out, "translation.png")]
+    save_tiles(translation_tiles(model, batch, "synthesis", cfg), written[-1], nrow=n + 1,
+               value_range=(0.0, 1.0))
+    if not cfg["correlation"]:
+        rows = translate_to_every_label(model, batch["img"])
+        written.append(os.path.join(out, "all_labels.png"))
+        save_tiles(rows.flatten(0, 1), written[-1], nrow=rows.shape[1], value_range=(0.0, 1.0))
+    for path in written:
+        print(path)
+
+
+def main_overlord(args, device):
+    model, cfg, done = load_overlord(args.load, device)
+    if "amortization" not in done:
+        raise UserError(f"--load {args.load}: finished stages {done or 'none'}; manipulation "
+                        f"needs the amortisation stage (train on, then try again)")
+    if args.remove:
+        raise UserError("--remove is for content-disentanglement models")
+    if args.pairs:
+        manipulate(model, cfg, read_pairs(args.pairs, remove=True), args.bs, device)
+    elif args.img:
+        if not args.output:
+            raise UserError("--img needs --output (where to write the result)")
+        manipulate(model, cfg, [(args.img, args.reference, args.output)], 1, device)
+    else:
+        overlord_grids(model, cfg, args, device)
+
+
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     device = pick_device(args.device)
+    method = load_checkpoint(args.load)["config"].get("method")
+    if args.method and args.method != method:
+        raise UserError(f"--load {args.load} holds a {method} model, not {args.method}")
+    if method == "overlord":
+        return main_overlord(args, device)
     model, cfg, step = load_model(args.load, device)
     if args.pairs:
         apply(model, cfg, read_pairs(args.pairs, args.remove), args.remove, args.bs, device)

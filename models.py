@@ -258,21 +258,37 @@ def make_blur_kernel(k1: Sequence[float] = BLUR_KERNEL) -> torch.Tensor:
     return k / k.sum()
 
 
-def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,
+def upfirdn2d(x: torch.Tensor, kernel, up: int = 1, down: int = 1,
               pad: Sequence[int] = (0, 0)) -> torch.Tensor:
-    """Zero-insert by `up`, pad (negative crops), convolve with `kernel`, keep every `down`-th."""
+    """Zero-insert by `up`, pad (negative crops), convolve with `kernel`, keep every `down`-th.
+
+    `kernel` is a 2-D tensor, or a sequence of floats for a separable kernel outer(k, k): that
+    path sums shifted slices, which is much cheaper to differentiate (twice, for R1) on CPU."""
     n, c, h, w = x.shape
-    x = x.reshape(n * c, 1, h, w)  # every channel filtered alike
     if up > 1:
-        x = x.reshape(n * c, 1, h, 1, w, 1)
+        x = x.reshape(n, c, h, 1, w, 1)
         x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))  # up-1 zeros after each sample
-        x = x.reshape(n * c, 1, h * up, w * up)
+        x = x.reshape(n, c, h * up, w * up)
     p0, p1 = pad
     x = F.pad(x, (p0, p1, p0, p1))
-    # conv2d correlates, so flip the kernel for a true convolution; stride keeps rows 0, down, ...
-    weight = kernel.flip((0, 1))[None, None].to(x)  # (1, 1, kh, kw), x's dtype and device
-    x = F.conv2d(x, weight, stride=down)
-    return x.reshape(n, c, x.shape[-2], x.shape[-1])
+    if isinstance(kernel, torch.Tensor):
+        # conv2d correlates, so flip the kernel for a true convolution; every channel alike
+        weight = kernel.flip((0, 1))[None, None].to(x)  # (1, 1, kh, kw)
+        hh, ww = x.shape[-2:]
+        x = F.conv2d(x.reshape(n * c, 1, hh, ww), weight, stride=down)
+        return x.reshape(n, c, x.shape[-2], x.shape[-1])
+    taps = tuple(reversed(kernel))  # flipped: a true convolution
+    size = len(taps)
+    out_h, out_w = x.shape[-2] - size + 1, x.shape[-1] - size + 1
+    x = sum(t * x[..., :, i:i + out_w] for i, t in enumerate(taps))   # along the width
+    x = sum(t * x[..., i:i + out_h, :] for i, t in enumerate(taps))   # along the height
+    return x[..., ::down, ::down] if down > 1 else x
+
+
+def separable_taps(k1: Sequence[float], gain: float = 1.0) -> tuple:
+    """1-D taps whose outer product is make_blur_kernel(k1) * gain**2."""
+    total = float(sum(k1))
+    return tuple(float(v) * gain / total for v in k1)
 
 
 class Blur(nn.Module):
@@ -285,9 +301,10 @@ class Blur(nn.Module):
         # after zero insertion only 1/factor² of the samples are non-zero: gain restores the mean
         kernel = make_blur_kernel(k1) * upsample_factor ** 2
         self.register_buffer("kernel", kernel, persistent=False)
+        self.taps = separable_taps(k1, upsample_factor)
 
     def forward(self, x):
-        return upfirdn2d(x, self.kernel, pad=self.pad)
+        return upfirdn2d(x, self.taps, pad=self.pad)
 
     def extra_repr(self):
         return f"pad={self.pad}, kernel_size={self.kernel.shape[0]}"
@@ -300,11 +317,12 @@ class Upsample(nn.Module):
         super().__init__()
         self.factor = factor
         self.register_buffer("kernel", make_blur_kernel(k1) * factor ** 2, persistent=False)
+        self.taps = separable_taps(k1, factor)
         p = len(k1) - factor
         self.pad = ((p + 1) // 2 + factor - 1, p // 2)  # (2, 1) for k1 of length 4
 
     def forward(self, x):
-        return upfirdn2d(x, self.kernel, up=self.factor, pad=self.pad)  # (N, C, 2H, 2W)
+        return upfirdn2d(x, self.taps, up=self.factor, pad=self.pad)  # (N, C, 2H, 2W)
 
     def extra_repr(self):
         return f"factor={self.factor}, pad={self.pad}"
@@ -740,3 +758,65 @@ class L1Distance(nn.Module):
 
     def forward(self, a, b):
         return (a - b).abs().flatten(1).mean(1).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# OverLORD: all networks of the three stages in one module
+
+class OverLORD(nn.Module):
+    """Stage 1: label table, per-image table, generator (+ correlated encoder). Stages 2-3:
+    encoders that regress those codes, a generator copied from stage 1, a discriminator.
+    The generator's input is always [uncorrelated, label(, correlated)]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        size, corr_dim = cfg["img_shape"][0], cfg["correlated_dim"] if cfg["correlation"] else 0
+        self.correlated = bool(cfg["correlation"])
+        latent_dim = cfg["label_dim"] + cfg["uncorrelated_dim"] + corr_dim
+        gen, enc = cfg["generator"], cfg["encoder"]
+
+        def generator():
+            return Generator(size, latent_dim, gen["channel_multiplier"], gen["max_width"])
+
+        def encoder(dim):
+            return CodeEncoder(size, dim, enc["base"], enc["max_width"])
+
+        self.label_embedding = nn.Embedding(cfg["n_labels"], cfg["label_dim"])
+        self.uncorrelated_embedding = nn.Embedding(cfg["n_imgs"], cfg["uncorrelated_dim"])
+        for table in (self.label_embedding, self.uncorrelated_embedding):
+            nn.init.uniform_(table.weight, -0.05, 0.05)
+        self.generator = generator()
+        self.correlated_encoder = encoder(corr_dim) if self.correlated else None
+
+        self.label_encoder = encoder(cfg["label_dim"])
+        self.uncorrelated_encoder = encoder(cfg["uncorrelated_dim"])
+        self.correlated_amortized_encoder = encoder(corr_dim) if self.correlated else None
+        self.amortized_generator = generator()
+        disc = cfg["discriminator"]
+        self.discriminator = Discriminator(size, disc["channel_multiplier"], disc["max_width"])
+
+    @staticmethod
+    def latent(uncorrelated, label, correlated=None):
+        """The generator input: the codes that exist, concatenated in the original's order."""
+        codes = [uncorrelated, label] + ([correlated] if correlated is not None else [])
+        return torch.cat(codes, 1)  # (N, latent_dim)
+
+    def table_codes(self, index, label, correlated_view=None):
+        """Stage-1 codes (uncorrelated, label, correlated) from the tables and correlated encoder."""
+        correlated = self.correlated_encoder(correlated_view) if self.correlated else None
+        return self.uncorrelated_embedding(index), self.label_embedding(label), correlated
+
+    def amortized_codes(self, x):
+        """Stage-2/3 codes (uncorrelated, label, correlated) predicted from clean images."""
+        correlated = self.correlated_amortized_encoder(x) if self.correlated else None
+        return self.uncorrelated_encoder(x), self.label_encoder(x), correlated
+
+    def amortized_encoders(self):
+        """The encoders trained in stages 2 and 3."""
+        return [m for m in (self.label_encoder, self.uncorrelated_encoder,
+                            self.correlated_amortized_encoder) if m is not None]
+
+
+def build_overlord(cfg):
+    """OverLORD from a resolved config dict (preset + data fields: img_shape, n_imgs, n_labels)."""
+    return OverLORD(cfg)

@@ -1,23 +1,34 @@
-"""Train a content-disentanglement model (Press et al., ICLR 2019; kozistr's IN+ILN variant).
+"""Train content disentanglement (default) or OverLORD (--method overlord).
 
+Content disentanglement (Press et al., ICLR 2019; kozistr's IN+ILN variant), A = images with the
+attribute, B = without:
     python train.py --out ./result                              # built-in synthetic demo, CPU ok
     python train.py --root ./bald --out ./bald_result           # list files or trainA/... folders
-    python train.py --root ./bald --out ./bald_result --load ./bald_result   # resume
+    python train.py --load ./bald_result                        # resume where it stopped
+Every --progress_iter a line goes to OUT/metrics.jsonl, every --display_iter a grid
+OUT/experiments_XXXXXX.png, every --save_iter OUT/checkpoint.
 
-A = images with the attribute, B = without. Every --progress_iter a line goes to OUT/metrics.jsonl,
-every --display_iter a grid OUT/experiments_XXXXXX.png, every --save_iter OUT/checkpoint.
+OverLORD (Gabbay & Hoshen, ICCV 2021), images labelled by an attribute (see data.py to prepare):
+    python train.py --method overlord --out ./ol                # synthetic demo, all three stages
+    python train.py --method overlord --config ffhq --root ./prepared/ffhq --out ./ol_ffhq
+    python train.py --method overlord --load ./ol_ffhq          # resume
+    python train.py --method overlord --help                    # its own flags
 """
 import argparse
+import json
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import ImageFiles, check_images, domain_paths, endless_loader, make_demo
-from models import CDConfig, build_cd
+from data import (ImageFiles, LabelledImages, check_images, domain_paths, endless_loader,
+                  load_prepared, make_demo, make_demo_labeled)
+from models import (VGG16_WEIGHTS_FILE, CDConfig, L1Distance, VGGDistance, build_cd,
+                    build_overlord, find_vgg_weights)
 from utils import (RunningMeans, UserError, append_jsonl, load_checkpoint, load_weights,
                    make_output_dir, pick_device, rng_state, run_cli, save_checkpoint, save_tiles,
                    seed_everything, set_rng_state, StopRequest, write_json)
@@ -221,8 +232,8 @@ def checkpoint_state(model, ae_opt, d_opt, step, cfg):
             "optimizers": {"ae": ae_opt.state_dict(), "disc": d_opt.state_dict()}}
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def main_cd(argv):
+    """Train the content-disentanglement model."""
     cfg, ckpt = resolve_config(argv)
     out = make_output_dir(cfg["out"])
     device = pick_device(cfg["device"])
@@ -301,6 +312,499 @@ def main(argv=None):
               f"--load {out}", file=sys.stderr)
         sys.exit(130)
     print(f"done: {step} iterations; grids, metrics.jsonl and checkpoint in {out}")
+
+
+# ================================================================================================
+# OverLORD
+
+STAGES = ("disentanglement", "amortization", "synthesis")
+
+# The original's five configs (avivga/overlord config/*.yaml) and a small demo, as one nested dict
+# each; data-derived fields (img_shape, n_imgs, n_labels) are added at train time.
+_FFHQ = {
+    "labeled_attribute": "age",
+    "correlation": None,            # None, "pose-invariant" or "localized"
+    "label_dim": 256, "uncorrelated_dim": 256, "correlated_dim": 0,
+    "uncorrelated_std": 0.01,       # noise added to the per-image code in stage 1
+    "augmentation": {"scale": [0.6, 1.0], "rotation": 0, "flip_horizontal": True},
+    "perceptual": {"kind": "vgg", "layer_ids": [2, 7, 12, 21, 30], "normalize": True},
+    "generator": {"channel_multiplier": 2, "max_width": 512},
+    "encoder": {"base": 64, "max_width": 256},
+    "discriminator": {"channel_multiplier": 2, "max_width": 512},
+    "disentanglement": {
+        "batch_size": 32, "n_epochs": 100, "n_epochs_between_visualizations": 1,
+        "learning_rate": {"latent": 0.01, "encoder": 1e-4, "generator": 1e-3, "min": 1e-5},
+        "loss_weights": {"reconstruction": 1.0, "uncorrelated_decay": 1e-4}},
+    "amortization": {
+        "batch_size": 64, "n_epochs": 50, "n_epochs_between_visualizations": 5,
+        "learning_rate": {"max": 1e-4, "min": 1e-5}},
+    "synthesis": {
+        "batch_size": 16, "n_epochs": 100, "n_epochs_between_visualizations": 1,
+        "learning_rate": {"generator": 1e-4, "discriminator": 1e-4},
+        "loss_weights": {"reconstruction": 1.0, "latent": 10.0, "adversarial": 1.0}},
+}
+
+
+def _preset(**changes):
+    """_FFHQ with nested changes, given as 'a.b' keys."""
+    cfg = json.loads(json.dumps(_FFHQ))
+    for dotted, value in changes.items():
+        *path, key = dotted.split("__")
+        node = cfg
+        for part in path:
+            node = node[part]
+        node[key] = value
+    return cfg
+
+
+PRESETS = {
+    "ffhq": _preset(),
+    "celeba": _preset(labeled_attribute="identity", label_dim=512, uncorrelated_dim=64,
+                      uncorrelated_std=0.1, disentanglement__n_epochs=50, synthesis__n_epochs=50),
+    "afhq": _preset(labeled_attribute="domain", correlation="pose-invariant", label_dim=512,
+                    uncorrelated_dim=64, correlated_dim=64, uncorrelated_std=0.1,
+                    perceptual__normalize=False, disentanglement__batch_size=8,
+                    disentanglement__n_epochs=200,
+                    disentanglement__loss_weights={"reconstruction": 1.0,
+                                                   "uncorrelated_decay": 0.1},
+                    amortization__n_epochs=100),
+    "celebahq": _preset(labeled_attribute="gender", uncorrelated_std=0.1,
+                        disentanglement__loss_weights={"reconstruction": 1.0,
+                                                       "uncorrelated_decay": 1e-5},
+                        amortization__n_epochs=100),
+    "celebahq_hair": _preset(labeled_attribute="gender", correlation="localized",
+                             correlated_dim=64, uncorrelated_std=0.1,
+                             augmentation={"scale": [0.8, 1.0], "rotation": 0,
+                                           "flip_horizontal": True},
+                             disentanglement__batch_size=16,
+                             disentanglement__loss_weights={"reconstruction": 1.0,
+                                                            "uncorrelated_decay": 0.1},
+                             amortization__n_epochs=100),
+    # small widths and few epochs: the three stages on a 2-core CPU in about 10 minutes;
+    # "auto" perceptual = VGG16 if its weights are on disk, else the L1 fallback (with a note)
+    "demo": _preset(labeled_attribute="hair_colour", label_dim=32, uncorrelated_dim=32,
+                    uncorrelated_std=0.1, perceptual__kind="auto",
+                    generator={"channel_multiplier": 2, "max_width": 64},
+                    encoder={"base": 16, "max_width": 64},
+                    discriminator={"channel_multiplier": 2, "max_width": 64},
+                    disentanglement__batch_size=16, disentanglement__n_epochs=20,
+                    disentanglement__n_epochs_between_visualizations=5,
+                    disentanglement__loss_weights={"reconstruction": 1.0,
+                                                   "uncorrelated_decay": 1e-3},
+                    amortization__batch_size=32, amortization__n_epochs=10,
+                    amortization__n_epochs_between_visualizations=5,
+                    amortization__learning_rate={"max": 1e-3, "min": 1e-5},
+                    synthesis__n_epochs=4, synthesis__n_epochs_between_visualizations=2),
+}
+DEMO_SIZE = 32  # side of the synthetic demo images (the demo preset's networks are sized for it)
+
+
+def apply_override(cfg, assignment):
+    """Apply one --set a.b.c=value in place: the key must exist and the type must match."""
+    import ast
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. "
+                        f"disentanglement.batch_size=8")
+    dotted, text = assignment.split("=", 1)
+    *path, key = dotted.strip().split(".")
+    node = cfg
+    for part in path:
+        if not isinstance(node.get(part) if isinstance(node, dict) else None, dict):
+            raise UserError(f"--set {dotted}: unknown key {part!r}")
+        node = node[part]
+    if key not in node or isinstance(node[key], dict):
+        known = ", ".join(k for k in node if not isinstance(node[k], dict))
+        raise UserError(f"--set {dotted}: unknown key {key!r} (known here: {known})")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    old = node[key]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if value is None or text == "null":
+        value = None
+    if old is not None and value is not None and type(value) is not type(old):
+        raise UserError(f"--set {dotted}={text}: expected a {type(old).__name__} like {old!r}")
+    node[key] = value
+
+
+def build_overlord_parser():
+    """Flags of OverLORD training: I/O and run control; the method's knobs live in PRESETS."""
+    p = argparse.ArgumentParser(prog="train.py --method overlord",
+                                description="Train OverLORD: latent optimisation, amortisation, "
+                                "synthesis. Knobs come from --config and --set.")
+    a = p.add_argument
+    a("--config", choices=sorted(PRESETS), default=None,
+      help="named preset (default: demo without --root)")
+    a("--root", default="", help="prepared labelled data (python data.py ...); empty = demo set")
+    a("--out", default="./ol", help="run folder: grids, metrics.jsonl, config.json, checkpoint")
+    a("--load", default="", help="resume from this run folder or checkpoint file")
+    a("--stage", choices=STAGES, default=None,
+      help="run only this stage (from --load for the later stages); default: all remaining")
+    a("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+      help="override a config field, e.g. --set disentanglement.batch_size=8 (repeatable)")
+    a("--vgg_weights", default="", help=f"path of {VGG16_WEIGHTS_FILE} (ImageNet VGG16); "
+      "default: the torch hub cache. Never downloaded")
+    a("--perceptual", choices=("vgg", "l1"), default=None,
+      help="reconstruction distance: vgg (the original) or l1 (no weights needed, lower quality)")
+    a("--workers", type=int, default=2, help="DataLoader worker processes")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    a("--seed", type=int, default=0, help="seed of codes, weights, data order and augmentation")
+    return p
+
+
+def resolve_overlord_config(argv):
+    """(config, run flags, checkpoint or None) from the flags: preset or resumed config, then
+    --set overrides, then the prepared data's fields."""
+    args = build_overlord_parser().parse_args(argv)
+    ckpt = None
+    if args.load:
+        ckpt = load_checkpoint(args.load, method="overlord")
+        cfg = ckpt["config"]
+        if args.config and args.config != cfg["preset"]:
+            raise UserError(f"--load {args.load}: that run used --config {cfg['preset']}")
+        args.root = args.root or cfg["root"]
+    else:
+        name = args.config or ("demo" if not args.root else None)
+        if name is None:
+            raise UserError(f"--root given without --config; choose one of {', '.join(PRESETS)}")
+        cfg = json.loads(json.dumps(PRESETS[name]))
+        cfg["preset"] = name
+    for assignment in args.overrides:
+        apply_override(cfg, assignment)
+    if args.perceptual:
+        cfg["perceptual"]["kind"] = args.perceptual
+    if cfg["correlation"] not in (None, "pose-invariant", "localized"):
+        raise UserError(f"correlation {cfg['correlation']!r}: use null, pose-invariant or localized")
+    if cfg["correlation"] and cfg["correlated_dim"] <= 0:
+        raise UserError("a correlated config needs correlated_dim > 0")
+    bs = cfg["synthesis"]["batch_size"]
+    if bs % min(bs, 4):
+        raise UserError(f"synthesis.batch_size {bs}: the discriminator's minibatch-stddev "
+                        f"needs a multiple of 4 (or fewer than 4)")
+    cfg.update(method="overlord", out=args.out, seed=cfg.get("seed", args.seed))
+    return cfg, args, ckpt
+
+
+def build_perceptual(cfg, weights_path):
+    """The reconstruction distance: frozen VGG16 features, or the L1 fallback."""
+    kind = cfg["perceptual"]["kind"]
+    if kind == "auto":
+        kind = "vgg" if find_vgg_weights(weights_path or None) else "l1"
+        if kind == "l1":
+            print(f"note: no VGG16 weights ({VGG16_WEIGHTS_FILE}) found; the demo uses the L1 "
+                  f"fallback (pass --vgg_weights PATH for the perceptual loss)")
+        cfg["perceptual"]["kind"] = kind
+    if kind == "l1":
+        return L1Distance()
+    try:
+        return VGGDistance(cfg["perceptual"]["layer_ids"], cfg["perceptual"]["normalize"],
+                           weights_path or None)
+    except FileNotFoundError as e:
+        raise UserError(f"{e} (--vgg_weights PATH)") from None
+    except RuntimeError as e:
+        raise UserError(f"--vgg_weights: {e}") from None
+
+
+def view_for_correlated(batch, cfg):
+    """What the correlated encoder sees: the augmented (for 'localized': masked, then augmented)
+    image; None for uncorrelated configs."""
+    return batch["img_augmented"] if cfg["correlation"] else None
+
+
+# --- the three steps: each takes (model, batch, ctx) and returns a dict of scalar tensors ---
+
+def disentanglement_step(model, batch, ctx):
+    """Latent optimisation: tables and generator reconstruct the image from [u + noise, l(, c)]."""
+    cfg, weights = ctx["cfg"], ctx["cfg"]["disentanglement"]["loss_weights"]
+    u, l, c = model.table_codes(batch["index"], batch["label"], view_for_correlated(batch, cfg))
+    noisy_u = u + cfg["uncorrelated_std"] * torch.randn_like(u) if cfg["uncorrelated_std"] else u
+    reconstruction = ctx["perceptual"](model.generator(model.latent(noisy_u, l, c)), batch["img"])
+    decay = u.pow(2).mean()
+    loss = weights["reconstruction"] * reconstruction + weights["uncorrelated_decay"] * decay
+    ctx["optimizers"]["main"].zero_grad(set_to_none=True)
+    loss.backward()
+    ctx["optimizers"]["main"].step()
+    return {"loss": loss, "reconstruction": reconstruction, "uncorrelated_decay": decay}
+
+
+def latent_targets(model, batch, cfg):
+    """Stage-1 codes the encoders must regress (no gradient)."""
+    with torch.no_grad():
+        return model.table_codes(batch["index"], batch["label"], view_for_correlated(batch, cfg))
+
+
+def latent_regression(predicted, targets):
+    """{name: MSE} of the amortised codes against the stage-1 codes."""
+    names = ("uncorrelated", "label", "correlated")
+    return {n: F.mse_loss(p, t) for n, p, t in zip(names, predicted, targets) if p is not None}
+
+
+def amortization_step(model, batch, ctx):
+    """Encoders regress the stage-1 codes from clean images."""
+    losses = latent_regression(model.amortized_codes(batch["img"]),
+                               latent_targets(model, batch, ctx["cfg"]))
+    loss = sum(losses.values())
+    ctx["optimizers"]["main"].zero_grad(set_to_none=True)
+    loss.backward()
+    ctx["optimizers"]["main"].step()
+    return {"loss": loss, **losses}
+
+
+def synthesis_step(model, batch, ctx):
+    """Adversarial tuning: discriminator step with R1, then encoders + generator step."""
+    cfg, weights = ctx["cfg"], ctx["cfg"]["synthesis"]["loss_weights"]
+    x, opt = batch["img"], ctx["optimizers"]
+    disc, generator = model.discriminator, model.amortized_generator
+
+    disc.requires_grad_(True)
+    with torch.no_grad():
+        fake = generator(model.latent(*model.amortized_codes(x)))
+    real = x.detach().requires_grad_(True)  # a copy, so the gradient flag cannot leak onward
+    real_logits = disc(real)
+    d_loss = (adversarial_loss(disc(fake), 0) + adversarial_loss(real_logits, 1)
+              + r1_penalty(real_logits, real))
+    opt["discriminator"].zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt["discriminator"].step()
+
+    disc.requires_grad_(False)
+    codes = model.amortized_codes(x)
+    latent = latent_regression(codes, latent_targets(model, batch, cfg))
+    fake = generator(model.latent(*codes))
+    losses = {"reconstruction": ctx["perceptual"](fake, x), "latent": sum(latent.values()),
+              "adversarial": adversarial_loss(disc(fake), 1)}
+    g_loss = sum(weights[name] * value for name, value in losses.items())
+    opt["generator"].zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt["generator"].step()
+    return {"discriminator": d_loss, "generator": g_loss, **losses}
+
+
+def stage_optimizers(stage, model, stage_cfg):
+    """(optimizers, cosine-annealed optimizer names) of a stage, as in the original."""
+    lr = stage_cfg["learning_rate"]
+    if stage == "disentanglement":
+        groups = [{"params": [*model.label_embedding.parameters(),
+                              *model.uncorrelated_embedding.parameters()], "lr": lr["latent"]},
+                  {"params": model.generator.parameters(), "lr": lr["generator"]}]
+        if model.correlated:
+            groups.append({"params": model.correlated_encoder.parameters(), "lr": lr["encoder"]})
+        return {"main": torch.optim.Adam(groups, betas=(0.5, 0.999))}, ("main",)
+    encoder_params = [p for m in model.amortized_encoders() for p in m.parameters()]
+    if stage == "amortization":
+        return {"main": torch.optim.Adam(encoder_params, lr["max"])}, ("main",)
+    return {"generator": torch.optim.Adam([*encoder_params,
+                                           *model.amortized_generator.parameters()],
+                                          lr["generator"], betas=(0.5, 0.999)),
+            "discriminator": torch.optim.Adam(model.discriminator.parameters(),
+                                              lr["discriminator"], betas=(0.5, 0.999))}, ()
+
+
+STAGE_STEPS = {"disentanglement": disentanglement_step, "amortization": amortization_step,
+               "synthesis": synthesis_step}
+
+
+# --- translation grids ---
+
+GRID_IMAGES = 10
+
+
+def collate_items(dataset, indices, device):
+    """A batch dict of dataset items (augmentation seeded by the index), on `device`."""
+    items = [dataset[(int(i), int(i))] for i in indices]
+    return {k: torch.stack([torch.as_tensor(item[k]) for item in items]).to(device)
+            for k in items[0]}
+
+
+@torch.no_grad()
+def translation_tiles(model, batch, stage, cfg):
+    """11x11 tiles: a white corner, the images along the top, then row i = image i followed by
+    G([u_j, l_i, c_i]) for every column j (the diagonal reconstructs). Clamped to [0, 1]."""
+    if stage == "disentanglement":
+        u, l, c = model.table_codes(batch["index"], batch["label"], view_for_correlated(batch, cfg))
+        generator = model.generator
+    else:
+        u, l, c = model.amortized_codes(batch["img"])
+        generator = model.amortized_generator
+    x, n = batch["img"], batch["img"].shape[0]
+    rows = [torch.cat([torch.ones_like(x[:1]), x])]
+    for i in range(n):
+        ci = None if c is None else c[i:i + 1].expand(n, -1)
+        rows.append(torch.cat([x[i:i + 1], generator(model.latent(u, l[i:i + 1].expand(n, -1),
+                                                                    ci))]))
+    return torch.cat(rows).clamp(0, 1)
+
+
+def save_translation_grids(model, dataset, stage, epoch, ctx):
+    """The original's two grids: a fixed image sample and a fresh random one."""
+    was_training = model.training
+    model.eval()
+    n = min(GRID_IMAGES, len(dataset))
+    samples = {"fixed": np.random.RandomState(0).choice(len(dataset), n, replace=False),
+               "random": ctx["grid_rng"].choice(len(dataset), n, replace=False)}
+    for kind, indices in samples.items():
+        batch = collate_items(dataset, indices, ctx["device"])
+        path = os.path.join(ctx["out"], f"{stage}_{kind}_{epoch:04d}.png")
+        save_tiles(translation_tiles(model, batch, stage, ctx["cfg"]), path, nrow=n + 1,
+                   value_range=(0.0, 1.0))
+    model.train(was_training)
+
+
+# --- one stage: loader, optimisers, schedule, epochs, logs, grids, checkpoints ---
+
+def overlord_checkpoint(model, ctx, stage, step, optimizers, schedulers):
+    """Everything needed to resume inside `stage` at batch `step`."""
+    return {"config": ctx["cfg"], "stage": stage, "step": step, "rng": rng_state(),
+            "done": list(ctx["done"]), "models": {"model": model.state_dict()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "grid_rng": numpy_rng_state(ctx["grid_rng"])}
+
+
+def numpy_rng_state(rng):
+    """A RandomState's state as plain lists and numbers (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = rng.get_state()
+    return [name, keys.tolist(), pos, has_gauss, cached]
+
+
+def numpy_rng_from_state(state):
+    """The inverse of numpy_rng_state, for RandomState.set_state."""
+    name, keys, pos, has_gauss, cached = state
+    return name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached
+
+
+def run_stage(stage, model, dataset, ctx, resume=None):
+    """Train one stage for its epochs; writes metrics, grids and a checkpoint every epoch."""
+    cfg, scfg = ctx["cfg"], ctx["cfg"][stage]
+    bs, drop_last = scfg["batch_size"], stage != "disentanglement"
+    if len(dataset) < bs and drop_last:
+        raise UserError(f"{stage}.batch_size {bs} is larger than the {len(dataset)} images")
+    per_epoch = len(dataset) // bs if drop_last else -(-len(dataset) // bs)
+    total = scfg["n_epochs"] * per_epoch
+    optimizers, annealed = stage_optimizers(stage, model, scfg)
+    schedulers = {k: torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizers[k], T_max=max(total, 1), eta_min=scfg["learning_rate"]["min"])
+        for k in annealed}
+    step = 0
+    if resume is not None:
+        for k, o in optimizers.items():
+            o.load_state_dict(resume["optimizers"][k])
+        for k, s in schedulers.items():
+            s.load_state_dict(resume["schedulers"][k])
+        step = resume["step"]
+    ctx["stage"], ctx["optimizers"] = stage, optimizers
+    save = lambda: save_checkpoint(  # noqa: E731
+        os.path.join(ctx["out"], "checkpoint"),
+        overlord_checkpoint(model, ctx, stage, step, optimizers, schedulers))
+    batches = endless_loader(dataset, bs, ctx["cfg"]["seed"] * 3 + STAGES.index(stage), step,
+                             ctx["workers"], ctx["device"].type == "cuda", drop_last=drop_last)
+    step_fn, device = STAGE_STEPS[stage], ctx["device"]
+    model.train()
+    means, tick, tick_step = RunningMeans(), time.time(), step
+    bar = tqdm(total=total, initial=step, desc=stage, dynamic_ncols=True)
+    with StopRequest() as stop:
+        while step < total and not stop.requested:
+            try:
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            except RuntimeError:
+                if stop.requested:
+                    break
+                raise
+            losses = {k: v.item() for k, v in step_fn(model, batch, ctx).items()}
+            for scheduler in schedulers.values():
+                scheduler.step()
+            step += 1
+            means.update(losses)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:3]})
+            if step % per_epoch == 0:
+                epoch = step // per_epoch
+                seconds = time.time() - tick
+                append_jsonl(os.path.join(ctx["out"], "metrics.jsonl"), {
+                    "stage": stage, "epoch": epoch, "step": step, **means.means(),
+                    "img_per_s": bs * (step - tick_step) / seconds,
+                    "s_per_iter": seconds / (step - tick_step)})
+                means.reset()
+                tick, tick_step = time.time(), step
+                if epoch % scfg["n_epochs_between_visualizations"] == 0 or step == total:
+                    save_translation_grids(model, dataset, stage, epoch, ctx)
+                save()
+    bar.close()
+    if stop.requested:
+        save()
+        print(f"stopped in {stage} at batch {step}/{total}; resume with --load {ctx['out']}",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def main_overlord(argv):
+    """Train OverLORD's stages in order, or the one --stage names; resume with --load."""
+    cfg, args, ckpt = resolve_overlord_config(argv)
+    out = make_output_dir(args.out)
+    device = pick_device(args.device)
+    seed_everything(cfg["seed"])
+    perceptual = build_perceptual(cfg, args.vgg_weights).to(device)
+
+    # data
+    if not args.root:
+        args.root = make_demo_labeled(os.path.join(out, "demo_data"), size=DEMO_SIZE)
+        print(f"no --root: training on the synthetic labelled demo set in {args.root}")
+    prepared = load_prepared(args.root)
+    data_fields = prepared.config_fields()
+    if ckpt is not None:
+        changed = [k for k, v in data_fields.items() if list(np.atleast_1d(cfg[k])) !=
+                   list(np.atleast_1d(v))]
+        if changed:
+            raise UserError(f"--root {args.root} does not match the run being resumed "
+                            f"({', '.join(f'{k}: {cfg[k]} vs {data_fields[k]}' for k in changed)})")
+    cfg.update(data_fields, root=os.path.abspath(args.root))
+    if cfg["correlation"] == "localized" and prepared.masks is None:
+        raise UserError(f"config {cfg['preset']} is 'localized' but {args.root} has no masks.npy")
+    dataset = LabelledImages(prepared, augment=cfg["augmentation"] if cfg["correlation"] else None,
+                             with_masks=cfg["correlation"] == "localized")
+
+    # networks
+    model = build_overlord(cfg).to(device)
+    ctx = {"cfg": cfg, "out": out, "device": device, "perceptual": perceptual,
+           "workers": args.workers, "done": [], "grid_rng": np.random.RandomState(1337)}
+    resume_stage = None
+    if ckpt is not None:
+        load_weights(model, ckpt["models"]["model"], f"--load {args.load}")
+        set_rng_state(ckpt["rng"])
+        ctx["done"] = list(ckpt["done"])
+        ctx["grid_rng"].set_state(numpy_rng_from_state(ckpt["grid_rng"]))
+        resume_stage = ckpt["stage"]
+        print(f"resumed from {args.load}: {ckpt['stage']} at batch {ckpt['step']}")
+    write_json(os.path.join(out, "config.json"), cfg)
+
+    # stages
+    todo = [args.stage] if args.stage else [s for s in STAGES if s not in ctx["done"]]
+    for stage in todo:
+        needed = STAGES[:STAGES.index(stage)]
+        missing = [s for s in needed if s not in ctx["done"]]
+        if missing:
+            raise UserError(f"stage {stage} needs {', '.join(missing)} first (--load a run "
+                            f"that finished it)")
+        if stage == "amortization" and resume_stage != stage:
+            model.amortized_generator.load_state_dict(model.generator.state_dict())
+        resume = ckpt if (ckpt is not None and resume_stage == stage
+                          and stage not in ctx["done"]) else None
+        run_stage(stage, model, dataset, ctx, resume)
+        ctx["done"] = [s for s in STAGES if s in ctx["done"] or s == stage]
+        save_checkpoint(os.path.join(out, "checkpoint"),
+                        overlord_checkpoint(model, ctx, stage, 0, {}, {}))
+    print(f"done: {', '.join(ctx['done'])}; grids, metrics.jsonl and checkpoint in {out}")
+
+
+def main(argv=None):
+    """Dispatch on --method (cd, the default, or overlord)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", choices=("cd", "overlord"), default="cd")
+    known, rest = pre.parse_known_args(argv)
+    (main_overlord if known.method == "overlord" else main_cd)(rest)
 
 
 if __name__ == "__main__":

@@ -108,8 +108,8 @@ def checkpoint_path(path):
     return path if os.path.isfile(path) else os.path.join(path, CHECKPOINT_NAME)
 
 
-def load_checkpoint(path, method):
-    """Load a checkpoint written by save_checkpoint for `method`, or raise a clear UserError."""
+def load_checkpoint(path, method=None):
+    """Load a checkpoint written by save_checkpoint (for `method`, if given) or raise UserError."""
     file = checkpoint_path(path)
     if not os.path.exists(file):
         raise UserError(f"--load {path!r}: no checkpoint there (expected a file or a folder "
@@ -122,7 +122,7 @@ def load_checkpoint(path, method):
         raise UserError(f"--load {path!r}: {file} is not a checkpoint of this program")
     if ckpt["format_version"] > FORMAT_VERSION:
         raise UserError(f"--load {path!r}: written by a newer version of this program")
-    if ckpt["config"].get("method") != method:
+    if method is not None and ckpt["config"].get("method") != method:
         raise UserError(f"--load {path!r}: a checkpoint of method "
                         f"{ckpt['config'].get('method')!r}, not {method!r}")
     return ckpt

@@ -299,3 +299,15 @@ def test_adversarial_loss_targets():
     logits = torch.tensor([[0.5], [-1.0]])
     assert torch.allclose(train.adversarial_loss(logits, real=True), -F.logsigmoid(logits).mean())
     assert torch.allclose(train.adversarial_loss(logits, real=False), -F.logsigmoid(-logits).mean())
+
+
+@pytest.mark.parametrize("up,down,pad", [(1, 1, (1, 1)), (2, 1, (2, 1)), (1, 2, (2, 2)),
+                                         (1, 1, (1, 1)), (2, 1, (-1, 0))])
+def test_separable_filter_path_equals_the_2d_kernel(up, down, pad):
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    k1 = (1.0, 2.0, 5.0, 3.0)  # asymmetric, so a missing flip would show
+    kernel = torch.outer(torch.tensor(k1), torch.tensor(k1)).double()
+    kernel = kernel / kernel.sum()
+    taps = om.separable_taps(k1)
+    expected = om.upfirdn2d(x, kernel, up=up, down=down, pad=pad)
+    assert torch.allclose(om.upfirdn2d(x, taps, up=up, down=down, pad=pad), expected)
