@@ -345,12 +345,15 @@ def _worker_init(_):
 def endless_loader(dataset, batch_size, seed, start, workers, pin_memory=False, drop_last=True):
     """One persistent DataLoader yielding batches forever from batch `start` on; a LabelledImages
     gets (index, seed) items, an ImageFiles (index, flip)."""
+    import torch
     from torch.utils.data import DataLoader
     batches = EndlessBatches(len(dataset), batch_size, seed, start, drop_last,
                              item_seeds=isinstance(dataset, LabelledImages))
+    # its own generator: starting the workers must not draw from the global RNG, which a
+    # resumed run has just restored for the training step's noise
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=pin_memory,
-                        worker_init_fn=_worker_init)
+                        worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(seed))
     return iter(loader)
 
 

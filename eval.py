@@ -61,13 +61,15 @@ def build_parser():
     return p
 
 
-def load_model(path, device):
-    """The CD model and its config rebuilt from a checkpoint alone, in eval mode."""
-    ckpt = load_checkpoint(path, method="cd")
-    cfg = ckpt["config"]
-    model = build_cd(cfg)
+BUILDERS = {"cd": build_cd, "overlord": build_overlord}
+
+
+def load_model(path, device, method="cd"):
+    """(model in eval mode, checkpoint) of `method`, rebuilt from the checkpoint alone."""
+    ckpt = load_checkpoint(path, method=method)
+    model = BUILDERS[method](ckpt["config"])
     load_weights(model, ckpt["models"]["model"], f"--load {path}")
-    return model.to(device).eval(), cfg, ckpt["step"]
+    return model.to(device).eval(), ckpt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,15 +191,6 @@ def apply(model, cfg, jobs, remove, bs, device):
 # ------------------------------------------------------------------------------------------------
 # OverLORD: manipulation by label or by reference, translation grids
 
-def load_overlord(path, device):
-    """OverLORD model, config and finished stages from a checkpoint, in eval mode."""
-    ckpt = load_checkpoint(path, method="overlord")
-    cfg = ckpt["config"]
-    model = build_overlord(cfg)
-    load_weights(model, ckpt["models"]["model"], f"--load {path}")
-    return model.to(device).eval(), cfg, ckpt["done"]
-
-
 def overlord_input(path, size, what):
     """An image file as a (1, 3, S, S) tensor in [0, 1]: RGB, central square, resized to S."""
     img = read_image(path)
@@ -275,7 +268,8 @@ def overlord_grids(model, cfg, args, device):
 
 
 def main_overlord(args, device):
-    model, cfg, done = load_overlord(args.load, device)
+    model, ckpt = load_model(args.load, device, "overlord")
+    cfg, done = ckpt["config"], ckpt["done"]
     if "amortization" not in done:
         raise UserError(f"--load {args.load}: finished stages {done or 'none'}; manipulation "
                         f"needs the amortisation stage (train on, then try again)")
@@ -299,7 +293,8 @@ def main(argv=None):
         raise UserError(f"--load {args.load} holds a {method} model, not {args.method}")
     if method == "overlord":
         return main_overlord(args, device)
-    model, cfg, step = load_model(args.load, device)
+    model, ckpt = load_model(args.load, device)
+    cfg, step = ckpt["config"], ckpt["step"]
     if args.pairs:
         apply(model, cfg, read_pairs(args.pairs, args.remove), args.remove, args.bs, device)
     elif args.img:

@@ -29,15 +29,15 @@ from data import (ImageFiles, LabelledImages, check_images, domain_paths, endles
                   load_prepared, make_demo, make_demo_labeled)
 from models import (VGG16_WEIGHTS_FILE, CDConfig, L1Distance, VGGDistance, build_cd,
                     build_overlord, find_vgg_weights)
-from utils import (RunningMeans, UserError, append_jsonl, load_checkpoint, load_weights,
-                   make_output_dir, pick_device, rng_state, run_cli, save_checkpoint, save_tiles,
-                   seed_everything, set_rng_state, StopRequest, write_json)
+from utils import (RunningMeans, StopRequest, UserError, append_jsonl, checkpoint_path,
+                   load_checkpoint, load_weights, make_output_dir, pick_device, rng_state, run_cli,
+                   save_checkpoint, save_tiles, seed_everything, set_rng_state, write_json)
 
 AE_CLIP_NORM = 5.0  # joint gradient-norm clip of both encoders and the decoder (as the seeds)
 
 # Used when no --root is given: small synthetic faces, A = with glasses. Flags given explicitly
 # still win. Sized so that a 2-core CPU shows the transfer in the grid within about 10 minutes.
-DEMO_PRESET = dict(resize=32, crop=0, bs=16, iters=2000, sep=32, n_tot_feats=256, n_blocks=2,
+DEMO_PRESET = dict(resize=32, crop=0, bs=16, iters=1500, sep=32, n_tot_feats=256, n_blocks=2,
                    display_iter=250, save_iter=250, progress_iter=50, num_display=8, n_threads=2,
                    lr=5e-4, d_lr=5e-4)
 
@@ -387,8 +387,8 @@ PRESETS = {
                     generator={"channel_multiplier": 2, "max_width": 64},
                     encoder={"base": 16, "max_width": 64},
                     discriminator={"channel_multiplier": 2, "max_width": 64},
-                    disentanglement__batch_size=16, disentanglement__n_epochs=20,
-                    disentanglement__n_epochs_between_visualizations=5,
+                    disentanglement__batch_size=16, disentanglement__n_epochs=80,
+                    disentanglement__n_epochs_between_visualizations=20,
                     disentanglement__loss_weights={"reconstruction": 1.0,
                                                    "uncorrelated_decay": 1e-3},
                     amortization__batch_size=32, amortization__n_epochs=10,
@@ -422,8 +422,11 @@ def apply_override(cfg, assignment):
     old = node[key]
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if value is None or text == "null":
+    if text.strip() == "null":
         value = None
+    nullable = old is None or key == "correlation"
+    if value is None and not nullable:
+        raise UserError(f"--set {dotted}={text}: expected a {type(old).__name__} like {old!r}")
     if old is not None and value is not None and type(value) is not type(old):
         raise UserError(f"--set {dotted}={text}: expected a {type(old).__name__} like {old!r}")
     node[key] = value
@@ -438,7 +441,8 @@ def build_overlord_parser():
     a("--config", choices=sorted(PRESETS), default=None,
       help="named preset (default: demo without --root)")
     a("--root", default="", help="prepared labelled data (python data.py ...); empty = demo set")
-    a("--out", default="./ol", help="run folder: grids, metrics.jsonl, config.json, checkpoint")
+    a("--out", default=None, help="run folder: grids, metrics.jsonl, config.json, checkpoint "
+      "(default: the --load run's folder, else ./ol)")
     a("--load", default="", help="resume from this run folder or checkpoint file")
     a("--stage", choices=STAGES, default=None,
       help="run only this stage (from --load for the later stages); default: all remaining")
@@ -459,6 +463,9 @@ def resolve_overlord_config(argv):
     --set overrides, then the prepared data's fields."""
     args = build_overlord_parser().parse_args(argv)
     ckpt = None
+    if args.out is None:
+        args.out = os.path.dirname(os.path.abspath(checkpoint_path(args.load))) if args.load \
+            else "./ol"
     if args.load:
         ckpt = load_checkpoint(args.load, method="overlord")
         cfg = ckpt["config"]

@@ -80,7 +80,8 @@ def test_checkpoint_round_trips(two_domains, tmp_path):
     ckpt = torch.load(out / "checkpoint", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["method"] == "cd"
     json.dumps(ckpt["config"])  # a plain JSON-able dict
-    model, cfg, step = load_model(str(out), torch.device("cpu"))
+    model, loaded = load_model(str(out), torch.device("cpu"))
+    assert loaded["step"] == 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, ckpt["models"]["model"][key])
     assert not any(name.endswith(".tmp") for name in os.listdir(out))
