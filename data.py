@@ -246,23 +246,38 @@ def preprocess(rgb, crop, resize):
     return to_tensor(resize_square(center_crop(rgb, crop), resize))
 
 
-def _inspect(path, crop):
+def _inspect(path, crop, resize=0):
     img = read_image(path)
     if img is None:
         return "bad", None
-    return ("small", img.shape[:2]) if crop and min(img.shape[:2]) < crop else ("ok", None)
+    if crop and min(img.shape[:2]) < crop:
+        return "small", img.shape[:2]
+    return "ok", resize_square(center_crop(img, crop), resize) if resize else None
 
 
-def check_images(paths, crop, name, skip_bad=False, workers=4):
+def check_images(paths, crop, name, skip_bad=False, workers=4, cache_file=None, resize=0):
     """Decode every image once; raise a UserError naming the unreadable or too-small ones, or
-    drop them with a warning when `skip_bad`. Returns the usable paths."""
+    drop them with a warning when `skip_bad`. Returns the usable paths. With `cache_file`, the
+    same pass writes each usable image, cropped and resized, as a row of a uint8 array there."""
     from concurrent.futures import ThreadPoolExecutor
+    rows = None
+    if cache_file:
+        rows = np.lib.format.open_memmap(f"{cache_file}.partial", mode="w+", dtype=np.uint8,
+                                         shape=(len(paths), resize, resize, 3))
+    statuses = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(tqdm(pool.map(lambda p: _inspect(p, crop), paths, chunksize=64),
-                            total=len(paths), desc=f"checking {name}", leave=False,
-                            disable=len(paths) < 2000))
-    bad = [p for p, (status, _) in zip(paths, results) if status == "bad"]
-    small = [(p, size) for p, (status, size) in zip(paths, results) if status == "small"]
+        results = pool.map(lambda p: _inspect(p, crop, resize if rows is not None else 0), paths)
+        for i, (status, value) in enumerate(tqdm(results, total=len(paths), leave=False,
+                                                 desc=f"checking {name}",
+                                                 disable=len(paths) < 2000)):
+            statuses.append((status, value if status == "small" else None))
+            if status == "ok" and rows is not None:
+                rows[i] = value
+    if rows is not None:
+        rows.flush()
+        del rows
+    bad = [p for p, (status, _) in zip(paths, statuses) if status == "bad"]
+    small = [(p, size) for p, (status, size) in zip(paths, statuses) if status == "small"]
     problems = []
     if bad:
         problems.append(f"{len(bad)} of {len(paths)} images in {name} are missing or cannot be "
@@ -272,10 +287,14 @@ def check_images(paths, crop, name, skip_bad=False, workers=4):
         problems.append(f"{len(small)} of {len(paths)} images in {name} are smaller than --crop "
                         f"{crop} (e.g. {p} is {w}x{h}; use a smaller --crop, or --crop 0 for the "
                         f"largest central square)")
+    if problems and not skip_bad:
+        if cache_file:
+            os.remove(f"{cache_file}.partial")
+        raise UserError("; ".join(problems) + "; pass --skip_bad to train without them")
+    if cache_file:
+        os.replace(f"{cache_file}.partial", cache_file)
     if not problems:
         return paths
-    if not skip_bad:
-        raise UserError("; ".join(problems) + "; pass --skip_bad to train without them")
     print("warning: " + "; ".join(problems) + "; skipped (--skip_bad)", file=sys.stderr)
     drop = set(bad) | {p for p, _ in small}
     kept = [p for p in paths if p not in drop]
@@ -294,18 +313,77 @@ class ImageFiles:
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, item):
-        index, flip = item
+    def image(self, index):
+        """HxWx3 uint8 of item `index`, cropped and resized."""
         img = read_image(self.paths[index])
         if img is None:
             raise UserError(f"cannot decode {self.paths[index]} (it changed after the start?)")
-        img = resize_square(center_crop(img, self.crop), self.resize)
+        return resize_square(center_crop(img, self.crop), self.resize)
+
+    def __getitem__(self, item):
+        index, flip = item
+        img = self.image(index)
         return to_tensor(img[:, ::-1] if flip else img)
 
     def batch(self, indices):
         """A (len(indices), 3, R, R) tensor of un-flipped images, for grids."""
         import torch
         return torch.stack([self[(i, False)] for i in indices])
+
+
+class CachedImages(ImageFiles):
+    """ImageFiles read from the uint8 rows check_images cached: no decoding after the first pass.
+    The memory map is opened lazily, so each DataLoader worker opens its own."""
+
+    def __init__(self, paths, cache_file, rows):
+        super().__init__(paths, 0, 0)
+        self.cache_file, self.rows, self._array = cache_file, list(rows), None
+
+    def image(self, index):
+        if self._array is None:
+            self._array = np.load(self.cache_file, mmap_mode="r")
+        return self._array[self.rows[index]]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_array": None}
+
+
+def cache_signature(paths, crop, resize, skip_bad):
+    """A digest of the image files (paths, sizes, modification times) and the transform."""
+    import hashlib
+    digest = hashlib.sha1(f"{crop} {resize} {skip_bad}".encode())
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path} missing\n".encode())
+    return digest.hexdigest()
+
+
+def open_image_set(paths, crop, resize, name, skip_bad=False, workers=4, cache_dir="",
+                   cache_gb=0.0):
+    """Check a split's images and return its dataset: decoded once into a uint8 cache under
+    `cache_dir` when that takes at most `cache_gb` GB (reused while the files are unchanged),
+    else decoded on every access."""
+    if not cache_dir or len(paths) * resize * resize * 3 > cache_gb * 1e9:
+        return ImageFiles(check_images(paths, crop, name, skip_bad, workers), crop, resize)
+    os.makedirs(cache_dir, exist_ok=True)
+    signature = cache_signature(paths, crop, resize, skip_bad)
+    cache_file = os.path.join(cache_dir, f"{name}_{resize}.npy")
+    index_file = os.path.join(cache_dir, f"{name}_{resize}.json")
+    if os.path.isfile(index_file) and os.path.isfile(cache_file):
+        with open(index_file) as f:
+            index = json.load(f)
+        if index.get("signature") == signature:
+            return CachedImages(index["paths"], cache_file, index["rows"])
+    kept = check_images(paths, crop, name, skip_bad, workers, cache_file, resize)
+    position = {p: i for i, p in enumerate(paths)}
+    rows = [position[p] for p in kept]
+    with open(f"{index_file}.partial", "w") as f:
+        json.dump({"signature": signature, "paths": kept, "rows": rows}, f)
+    os.replace(f"{index_file}.partial", index_file)
+    return CachedImages(kept, cache_file, rows)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ OverLORD (Gabbay & Hoshen, ICCV 2021), images labelled by an attribute (see data
     python train.py --method overlord --help                    # its own flags
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -25,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (ImageFiles, LabelledImages, check_images, domain_paths, endless_loader,
-                  load_prepared, make_demo, make_demo_labeled)
+from data import (LabelledImages, domain_paths, endless_loader, load_prepared, make_demo,
+                  make_demo_labeled, open_image_set)
 from models import (VGG16_WEIGHTS_FILE, CDConfig, L1Distance, VGGDistance, build_cd,
                     build_overlord, find_vgg_weights)
 from utils import (RunningMeans, StopRequest, UserError, append_jsonl, checkpoint_path,
                    load_checkpoint, load_weights, make_output_dir, pick_device, rng_state, run_cli,
-                   save_checkpoint, save_tiles, seed_everything, set_rng_state, write_json)
+                   save_checkpoint, save_tiles, seed_everything, set_rng_state, strip_prefixes,
+                   write_json)
 
 AE_CLIP_NORM = 5.0  # joint gradient-norm clip of both encoders and the decoder (as the seeds)
 
@@ -76,6 +78,16 @@ def build_parser():
     a("--adv_weight", type=float, default=1e-3, help="weight of the adversarial term")
     a("--d_clip", type=float, default=5.0, help="gradient-norm clip of the discriminator; "
       "0 = none (the seeds' clip never ran)")
+    a("--d_codes", choices=("reuse", "recompute"), default="reuse",
+      help="discriminator step on the autoencoder step's common codes (reuse) or on codes of "
+      "the just-updated encoder (recompute, the seeds' way: one more encoder pass)")
+    a("--amp", choices=("off", "bf16", "fp16"), default="off",
+      help="mixed precision: bf16 autocast, or fp16 with a gradient scaler (GPU)")
+    a("--channels_last", action="store_true", help="NHWC memory format (faster on some GPUs)")
+    a("--compile", action="store_true", help="torch.compile the networks (slow first steps)")
+    a("--cache_gb", type=float, default=8.0, help="keep decoded, resized images in a uint8 "
+      "memory-mapped cache under OUT/cache when it needs at most this many GB; 0 = decode "
+      "every time")
     a("--progress_iter", type=int, default=100, help="iterations between metrics lines")
     a("--display_iter", type=int, default=5000, help="iterations between sample grids")
     a("--save_iter", type=int, default=5000, help="iterations between checkpoints")
@@ -141,46 +153,81 @@ def r1_penalty(real_logits, real_images):
 
 
 def autoencoder_losses(model, x_a, x_b, adv_weight):
-    """Reconstruction of A and B plus the term that pushes both common codes towards 'B'."""
+    """Reconstruction of A and B plus the term that pushes both common codes towards 'B'.
+    Returns (losses, common codes of [A, B])."""
     n = x_a.shape[0]
     common = model.common_encoder(torch.cat([x_a, x_b]))  # (2N, T-S, r, r); IN is per sample
     separate_a = model.separate_encoder(x_a)               # (N, S, r, r)
     separate = torch.cat([separate_a, model.zero_separate(common[n:])])
     recon = model.decode(common, separate)
     logits = model.latent_disc(common)
-    losses = {"recon_a": F.mse_loss(recon[:n], x_a), "recon_b": F.mse_loss(recon[n:], x_b),
-              "adv": adversarial_loss(logits[:n], 0) + adversarial_loss(logits[n:], 0)}
+    losses = {"recon_a": F.mse_loss(recon[:n].float(), x_a),
+              "recon_b": F.mse_loss(recon[n:].float(), x_b),
+              "adv": adversarial_loss(logits[:n].float(), 0)
+              + adversarial_loss(logits[n:].float(), 0)}
     losses["ae"] = losses["recon_a"] + losses["recon_b"] + adv_weight * losses["adv"]
-    return losses
+    return losses, common
 
 
-def discriminator_loss(model, x_a, x_b):
-    """The latent discriminator's A-vs-B loss on common codes of the just-updated encoder."""
-    n = x_a.shape[0]
-    with torch.no_grad():
-        common = model.common_encoder(torch.cat([x_a, x_b]))
-    logits = model.latent_disc(common)
+def discriminator_loss(model, common, n):
+    """The latent discriminator's loss on (detached) common codes: the first n are A."""
+    logits = model.latent_disc(common).float()
     return adversarial_loss(logits[:n], 1) + adversarial_loss(logits[n:], 0)
 
 
-def train_step(model, x_a, x_b, ae_opt, d_opt, cfg):
-    """One iteration: autoencoder step, discriminator step, ILN rho clamp. Returns float losses."""
+def optimise(optimizer, loss, params, clip, scaler=None):
+    """Backward, optional gradient-norm clip, step; through the float16 grad scaler if given."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+
+
+def autocast(device, amp):
+    """The mixed-precision context of --amp (off, bf16, fp16) on `device`."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None):
+    """One iteration: autoencoder step, discriminator step, ILN rho clamp. Returns float losses.
+
+    cfg["d_codes"] = "reuse" trains the discriminator on the autoencoder step's common codes
+    (detached); "recompute" runs the just-updated encoder again, as the seeds did."""
+    amp = autocast(x_a.device, cfg.get("amp", "off"))
     model.latent_disc.requires_grad_(False)
-    losses = autoencoder_losses(model, x_a, x_b, cfg["adv_weight"])
-    ae_opt.zero_grad(set_to_none=True)
-    losses["ae"].backward()
-    torch.nn.utils.clip_grad_norm_(model.autoencoder_parameters(), AE_CLIP_NORM)
-    ae_opt.step()
+    with amp:
+        losses, common = autoencoder_losses(model, x_a, x_b, cfg["adv_weight"])
+    optimise(ae_opt, losses["ae"], model.autoencoder_parameters(), AE_CLIP_NORM, scaler)
 
     model.latent_disc.requires_grad_(True)
-    losses["disc"] = discriminator_loss(model, x_a, x_b)
-    d_opt.zero_grad(set_to_none=True)
-    losses["disc"].backward()
-    if cfg["d_clip"] > 0:
-        torch.nn.utils.clip_grad_norm_(model.latent_disc.parameters(), cfg["d_clip"])
-    d_opt.step()
+    with amp:
+        if cfg.get("d_codes", "reuse") == "recompute":
+            with torch.no_grad():
+                common = model.common_encoder(torch.cat([x_a, x_b]))
+        losses["disc"] = discriminator_loss(model, common.detach(), x_a.shape[0])
+    optimise(d_opt, losses["disc"], model.latent_disc.parameters(), cfg["d_clip"], scaler)
+    if scaler is not None:
+        scaler.update()
     model.clamp_rho()
     return {name: value.item() for name, value in losses.items()}
+
+
+def compile_model(model):
+    """torch.compile each CD network in place (checkpoints stay loadable: the '_orig_mod.'
+    prefix is stripped on load)."""
+    for name in ("common_encoder", "separate_encoder", "decoder", "latent_disc"):
+        setattr(model, name, torch.compile(getattr(model, name)))
+    return model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,11 +257,11 @@ def save_transfer_grid(model, x_a, x_b, path):
 # Main
 
 def load_domains(cfg):
-    """Datasets of the four splits, every image checked once."""
+    """Datasets of the four splits, every image checked once (and cached, see --cache_gb)."""
     paths = domain_paths(cfg["root"], cfg["image_root"])
-    workers = max(2, cfg["n_threads"])
-    sets = {s: ImageFiles(check_images(p, cfg["crop"], s, cfg["skip_bad"], workers),
-                          cfg["crop"], cfg["resize"]) for s, p in paths.items()}
+    workers, cache_dir = max(2, cfg["n_threads"]), os.path.join(cfg["out"], "cache")
+    sets = {s: open_image_set(p, cfg["crop"], cfg["resize"], s, cfg["skip_bad"], workers,
+                              cache_dir, cfg["cache_gb"]) for s, p in paths.items()}
     for split in ("trainA", "trainB"):
         if len(sets[split]) < cfg["bs"]:
             raise UserError(f"{split} has {len(sets[split])} images, fewer than --bs {cfg['bs']}")
@@ -225,11 +272,14 @@ def load_domains(cfg):
     return sets
 
 
-def checkpoint_state(model, ae_opt, d_opt, step, cfg):
+def checkpoint_state(model, ae_opt, d_opt, step, cfg, scaler=None):
     """Everything a resumed run needs, in weights_only-loadable types."""
-    return {"config": cfg, "step": step, "rng": rng_state(),
-            "models": {"model": model.state_dict()},
-            "optimizers": {"ae": ae_opt.state_dict(), "disc": d_opt.state_dict()}}
+    state = {"config": cfg, "step": step, "rng": rng_state(),
+             "models": {"model": strip_prefixes(model.state_dict())},
+             "optimizers": {"ae": ae_opt.state_dict(), "disc": d_opt.state_dict()}}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
 
 
 def main_cd(argv):
@@ -249,6 +299,9 @@ def main_cd(argv):
 
     # networks and optimisers
     model = build_cd(cfg).to(device)
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    scaler = torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None
     betas = (cfg["beta1"], cfg["beta2"])
     ae_opt = torch.optim.Adam(model.autoencoder_parameters(), cfg["lr"], betas, eps=cfg["eps"])
     d_opt = torch.optim.Adam(model.latent_disc.parameters(), cfg["d_lr"], betas, eps=cfg["eps"])
@@ -261,8 +314,12 @@ def main_cd(argv):
         d_opt.load_state_dict(ckpt["optimizers"]["disc"])
         step = ckpt["step"]
         set_rng_state(ckpt["rng"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         print(f"resumed from {cfg['load']} at iteration {step}")
     write_json(os.path.join(out, "config.json"), cfg)
+    if cfg["compile"]:
+        compile_model(model)
 
     pin = device.type == "cuda"
     batches_a = endless_loader(sets["trainA"], cfg["bs"], cfg["seed"] * 2, step, cfg["n_threads"],
@@ -270,7 +327,7 @@ def main_cd(argv):
     batches_b = endless_loader(sets["trainB"], cfg["bs"], cfg["seed"] * 2 + 1, step,
                                cfg["n_threads"], pin)
     save = lambda: save_checkpoint(os.path.join(out, "checkpoint"),  # noqa: E731
-                                   checkpoint_state(model, ae_opt, d_opt, step, cfg))
+                                   checkpoint_state(model, ae_opt, d_opt, step, cfg, scaler))
 
     # loop
     model.train()
@@ -285,7 +342,7 @@ def main_cd(argv):
                 if stop.requested:  # Ctrl-C also ended the loader's workers
                     break
                 raise
-            losses = train_step(model, x_a, x_b, ae_opt, d_opt, cfg)
+            losses = train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler)
             step += 1
             means.update(losses)
             bar.update(1)

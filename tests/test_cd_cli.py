@@ -213,3 +213,35 @@ def test_celeba_and_folders_preparation(tmp_path):
     r = run_script("data.py", "folders", "--root", root, "--dest", tmp_path / "lists")
     assert r.returncode == 0, r.stderr
     assert len(domain_paths(str(tmp_path / "lists"))["trainB"]) == 6
+
+
+def test_cache_gives_the_same_images_and_is_reused_until_files_change(tmp_path):
+    from data import CachedImages, ImageFiles, domain_paths, open_image_set
+    root = make_two_domains(tmp_path / "d", size=24)
+    paths = domain_paths(root)["trainA"]
+    cache = str(tmp_path / "cache")
+    cached = open_image_set(paths, 0, 16, "trainA", cache_dir=cache, cache_gb=1)
+    plain = ImageFiles(paths, 0, 16)
+    assert isinstance(cached, CachedImages)
+    for item in [(0, False), (3, True)]:
+        assert torch.equal(cached[item], plain[item])
+    stamp = os.path.getmtime(os.path.join(cache, "trainA_16.npy"))
+    assert open_image_set(paths, 0, 16, "trainA", cache_dir=cache, cache_gb=1).rows == cached.rows
+    assert os.path.getmtime(os.path.join(cache, "trainA_16.npy")) == stamp  # reused, not redone
+    write_image(paths[0], draw_face(np.random.default_rng(9), 24, glasses=True))
+    os.utime(paths[0], ns=(1, 1))
+    rebuilt = open_image_set(paths, 0, 16, "trainA", cache_dir=cache, cache_gb=1)
+    assert torch.equal(rebuilt[(0, False)], ImageFiles(paths, 0, 16)[(0, False)])
+    # too big for the limit: decoded on every access instead
+    assert type(open_image_set(paths, 0, 16, "trainA", cache_dir=cache, cache_gb=1e-9)) \
+        is ImageFiles
+
+
+def test_step_options_train(two_domains, tmp_path):
+    """The discriminator-code reuse, the seeds' recompute, channels_last and bf16 all train."""
+    for extra in (["--d_codes", "recompute"], ["--channels_last", "--amp", "bf16"],
+                  ["--cache_gb", "0"]):
+        out = tmp_path / "_".join(e.strip("-") for e in extra)
+        train.main(["--root", two_domains, "--out", str(out), "--iters", "2", *TINY_CD, *extra])
+        losses = read_metrics(out)[-1]
+        assert all(np.isfinite(losses[k]) for k in ("recon_a", "recon_b", "disc"))

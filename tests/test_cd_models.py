@@ -94,10 +94,10 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
     ae_opt, d_opt = make_optimisers(model)
     x_a, x_b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
     cfg = {"adv_weight": 1e-3, "d_clip": 5.0}
-    before = autoencoder_losses(model, x_a, x_b, 1e-3)["ae"].item()
+    before = autoencoder_losses(model, x_a, x_b, 1e-3)[0]["ae"].item()
     for _ in range(5):
         train_step(model, x_a, x_b, ae_opt, d_opt, cfg)
-    after = autoencoder_losses(model, x_a, x_b, 1e-3)["ae"].item()
+    after = autoencoder_losses(model, x_a, x_b, 1e-3)[0]["ae"].item()
     assert after < before
 
 
