@@ -392,16 +392,23 @@ def open_image_set(paths, crop, resize, name, skip_bad=False, workers=4, cache_d
 class EndlessBatches:
     """Batches of (index, flip), or of (index, seed) with `item_seeds`, forever: epoch e is a
     permutation drawn from (seed, e), its short tail dropped when `drop_last`, and `start` batches
-    are skipped, so a run can resume mid-epoch exactly."""
+    are skipped, so a run can resume mid-epoch exactly. `batch_size` is the global batch: process
+    `rank` of `world` gets its share of every batch, so the order is the same at any world size."""
 
-    def __init__(self, n, batch_size, seed, start=0, drop_last=True, item_seeds=False):
+    def __init__(self, n, batch_size, seed, start=0, drop_last=True, item_seeds=False, rank=0,
+                 world=1):
         if n == 0 or (drop_last and n < batch_size):
             raise ValueError(f"{n} images, fewer than one batch of {batch_size}")
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        self.drop_last, self.item_seeds = drop_last, item_seeds
+        self.drop_last, self.item_seeds, self.rank, self.world = drop_last, item_seeds, rank, world
+
+    def batches_per_epoch(self):
+        """Full batches, plus the tail unless dropped (or too short to give every process one)."""
+        tail = self.n % self.batch_size
+        return self.n // self.batch_size + int(not self.drop_last and tail >= self.world)
 
     def __iter__(self):
-        per_epoch = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        per_epoch = self.batches_per_epoch()
         epoch, offset = divmod(self.start, per_epoch)
         while True:
             rng = np.random.default_rng([self.seed, epoch])
@@ -412,6 +419,7 @@ class EndlessBatches:
                 extras = rng.random(self.n) < 0.5
             for b in range(offset, per_epoch):
                 chunk = order[b * self.batch_size:(b + 1) * self.batch_size]
+                chunk = np.array_split(chunk, self.world)[self.rank]
                 yield [(int(i), extras[i].item()) for i in chunk]
             epoch, offset = epoch + 1, 0
 
@@ -420,13 +428,15 @@ def _worker_init(_):
     cv2.setNumThreads(1)
 
 
-def endless_loader(dataset, batch_size, seed, start, workers, pin_memory=False, drop_last=True):
-    """One persistent DataLoader yielding batches forever from batch `start` on; a LabelledImages
-    gets (index, seed) items, an ImageFiles (index, flip)."""
+def endless_loader(dataset, batch_size, seed, start, workers, pin_memory=False, drop_last=True,
+                   rank=0, world=1):
+    """One persistent DataLoader yielding this process's share of global batches forever, from
+    batch `start` on; a LabelledImages gets (index, seed) items, an ImageFiles (index, flip)."""
     import torch
     from torch.utils.data import DataLoader
     batches = EndlessBatches(len(dataset), batch_size, seed, start, drop_last,
-                             item_seeds=isinstance(dataset, LabelledImages))
+                             item_seeds=isinstance(dataset, LabelledImages), rank=rank,
+                             world=world)
     # its own generator: starting the workers must not draw from the global RNG, which a
     # resumed run has just restored for the training step's noise
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,

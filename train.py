@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (LabelledImages, domain_paths, endless_loader, load_prepared, make_demo,
-                  make_demo_labeled, open_image_set)
+from data import (EndlessBatches, LabelledImages, domain_paths, endless_loader, load_prepared,
+                  make_demo, make_demo_labeled, open_image_set)
 from models import (VGG16_WEIGHTS_FILE, CDConfig, L1Distance, VGGDistance, build_cd,
                     build_overlord, find_vgg_weights)
-from utils import (RunningMeans, StopRequest, UserError, append_jsonl, checkpoint_path,
-                   load_checkpoint, load_weights, make_output_dir, pick_device, rng_state, run_cli,
+from utils import (RunningMeans, StopRequest, UserError, append_jsonl, average_gradients,
+                   average_values, checkpoint_path, init_distributed, load_checkpoint,
+                   load_weights, main_process_first, make_output_dir, rng_state, run_cli,
                    save_checkpoint, save_tiles, seed_everything, set_rng_state, strip_prefixes,
                    write_json)
 
@@ -175,13 +176,17 @@ def discriminator_loss(model, common, n):
     return adversarial_loss(logits[:n], 1) + adversarial_loss(logits[n:], 0)
 
 
-def optimise(optimizer, loss, params, clip, scaler=None):
-    """Backward, optional gradient-norm clip, step; through the float16 grad scaler if given."""
+def optimise(optimizer, loss, clip=0.0, scaler=None):
+    """Backward, gradients averaged over processes, optional norm clip, step; through the
+    float16 grad scaler if given."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
     else:
         scaler.scale(loss).backward()
+    average_gradients(params)
+    if scaler is not None:
         scaler.unscale_(optimizer)
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(params, clip)
@@ -207,7 +212,7 @@ def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None):
     model.latent_disc.requires_grad_(False)
     with amp:
         losses, common = autoencoder_losses(model, x_a, x_b, cfg["adv_weight"])
-    optimise(ae_opt, losses["ae"], model.autoencoder_parameters(), AE_CLIP_NORM, scaler)
+    optimise(ae_opt, losses["ae"], AE_CLIP_NORM, scaler)
 
     model.latent_disc.requires_grad_(True)
     with amp:
@@ -215,7 +220,7 @@ def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None):
             with torch.no_grad():
                 common = model.common_encoder(torch.cat([x_a, x_b]))
         losses["disc"] = discriminator_loss(model, common.detach(), x_a.shape[0])
-    optimise(d_opt, losses["disc"], model.latent_disc.parameters(), cfg["d_clip"], scaler)
+    optimise(d_opt, losses["disc"], cfg["d_clip"], scaler)
     if scaler is not None:
         scaler.update()
     model.clamp_rho()
@@ -285,15 +290,21 @@ def checkpoint_state(model, ae_opt, d_opt, step, cfg, scaler=None):
 def main_cd(argv):
     """Train the content-disentanglement model."""
     cfg, ckpt = resolve_config(argv)
+    rank, world, device = init_distributed(cfg["device"])
+    main = rank == 0
+    if cfg["bs"] % world:
+        raise UserError(f"--bs {cfg['bs']} (the global batch) must be divisible by the "
+                        f"{world} processes")
     out = make_output_dir(cfg["out"])
-    device = pick_device(cfg["device"])
     seed_everything(cfg["seed"])
-    if not cfg["root"]:
-        cfg["root"] = make_demo(os.path.join(out, "demo_data"))
-        print(f"no --root: training on the synthetic demo set in {cfg['root']}")
 
-    # data
-    sets = load_domains(cfg)
+    # data (rank 0 draws the demo set and fills the cache first)
+    with main_process_first(rank):
+        if not cfg["root"]:
+            cfg["root"] = make_demo(os.path.join(out, "demo_data"))
+            if main:
+                print(f"no --root: training on the synthetic demo set in {cfg['root']}")
+        sets = load_domains(cfg)
     fixed_a = sets["testA"].batch(range(cfg["num_display"])).to(device)
     fixed_b = sets["testB"].batch(range(cfg["num_display"])).to(device)
 
@@ -316,28 +327,32 @@ def main_cd(argv):
         set_rng_state(ckpt["rng"])
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
-        print(f"resumed from {cfg['load']} at iteration {step}")
-    write_json(os.path.join(out, "config.json"), cfg)
+        if main:
+            print(f"resumed from {cfg['load']} at iteration {step}")
+    if main:
+        write_json(os.path.join(out, "config.json"), cfg)
     if cfg["compile"]:
         compile_model(model)
 
-    pin = device.type == "cuda"
-    batches_a = endless_loader(sets["trainA"], cfg["bs"], cfg["seed"] * 2, step, cfg["n_threads"],
-                               pin)
-    batches_b = endless_loader(sets["trainB"], cfg["bs"], cfg["seed"] * 2 + 1, step,
-                               cfg["n_threads"], pin)
-    save = lambda: save_checkpoint(os.path.join(out, "checkpoint"),  # noqa: E731
-                                   checkpoint_state(model, ae_opt, d_opt, step, cfg, scaler))
+    shard = dict(workers=cfg["n_threads"], pin_memory=device.type == "cuda", rank=rank,
+                 world=world)
+    batches_a = endless_loader(sets["trainA"], cfg["bs"], cfg["seed"] * 2, step, **shard)
+    batches_b = endless_loader(sets["trainB"], cfg["bs"], cfg["seed"] * 2 + 1, step, **shard)
+
+    def save():
+        if main:
+            save_checkpoint(os.path.join(out, "checkpoint"),
+                            checkpoint_state(model, ae_opt, d_opt, step, cfg, scaler))
 
     # loop
     model.train()
     means, tick, tick_step = RunningMeans(), time.time(), step
-    bar = tqdm(total=cfg["iters"], initial=step, desc="cd", dynamic_ncols=True)
+    bar = tqdm(total=cfg["iters"], initial=step, desc="cd", dynamic_ncols=True, disable=not main)
     with StopRequest() as stop:
         while step < cfg["iters"] and not stop.requested:
             try:
-                x_a = next(batches_a).to(device, non_blocking=True)
-                x_b = next(batches_b).to(device, non_blocking=True)
+                x_a = next(batches_a).to(device, non_blocking=True, memory_format=memory_format)
+                x_b = next(batches_b).to(device, non_blocking=True, memory_format=memory_format)
             except RuntimeError:
                 if stop.requested:  # Ctrl-C also ended the loader's workers
                     break
@@ -350,14 +365,15 @@ def main_cd(argv):
             if step % cfg["progress_iter"] == 0 or last:
                 seconds = time.time() - tick
                 img_per_s = 2 * cfg["bs"] * (step - tick_step) / max(seconds, 1e-9)
-                record = {"step": step, **means.means(), "img_per_s": img_per_s,
+                record = {"step": step, **average_values(means.means()), "img_per_s": img_per_s,
                           "s_per_iter": seconds / max(step - tick_step, 1)}
-                append_jsonl(os.path.join(out, "metrics.jsonl"), record)
+                if main:
+                    append_jsonl(os.path.join(out, "metrics.jsonl"), record)
                 bar.set_postfix(ae=f"{record['ae']:.4f}", disc=f"{record['disc']:.4f}",
                                 img_s=f"{img_per_s:.1f}")
                 means.reset()
                 tick, tick_step = time.time(), step
-            if step % cfg["display_iter"] == 0 or last:
+            if (step % cfg["display_iter"] == 0 or last) and main:
                 save_transfer_grid(model, fixed_a, fixed_b,
                                    os.path.join(out, f"experiments_{step:06d}.png"))
             if step % cfg["save_iter"] == 0 or last:
@@ -365,10 +381,12 @@ def main_cd(argv):
     bar.close()
     if stop.requested:
         save()
-        print(f"stopped: checkpoint of iteration {step} saved in {out}; resume with "
-              f"--load {out}", file=sys.stderr)
+        if main:
+            print(f"stopped: checkpoint of iteration {step} saved in {out}; resume with "
+                  f"--load {out}", file=sys.stderr)
         sys.exit(130)
-    print(f"done: {step} iterations; grids, metrics.jsonl and checkpoint in {out}")
+    if main:
+        print(f"done: {step} iterations; grids, metrics.jsonl and checkpoint in {out}")
 
 
 # ================================================================================================
@@ -587,9 +605,7 @@ def disentanglement_step(model, batch, ctx):
     reconstruction = ctx["perceptual"](model.generator(model.latent(noisy_u, l, c)), batch["img"])
     decay = u.pow(2).mean()
     loss = weights["reconstruction"] * reconstruction + weights["uncorrelated_decay"] * decay
-    ctx["optimizers"]["main"].zero_grad(set_to_none=True)
-    loss.backward()
-    ctx["optimizers"]["main"].step()
+    optimise(ctx["optimizers"]["main"], loss)
     return {"loss": loss, "reconstruction": reconstruction, "uncorrelated_decay": decay}
 
 
@@ -610,9 +626,7 @@ def amortization_step(model, batch, ctx):
     losses = latent_regression(model.amortized_codes(batch["img"]),
                                latent_targets(model, batch, ctx["cfg"]))
     loss = sum(losses.values())
-    ctx["optimizers"]["main"].zero_grad(set_to_none=True)
-    loss.backward()
-    ctx["optimizers"]["main"].step()
+    optimise(ctx["optimizers"]["main"], loss)
     return {"loss": loss, **losses}
 
 
@@ -629,9 +643,7 @@ def synthesis_step(model, batch, ctx):
     real_logits = disc(real)
     d_loss = (adversarial_loss(disc(fake), 0) + adversarial_loss(real_logits, 1)
               + r1_penalty(real_logits, real))
-    opt["discriminator"].zero_grad(set_to_none=True)
-    d_loss.backward()
-    opt["discriminator"].step()
+    optimise(opt["discriminator"], d_loss)
 
     disc.requires_grad_(False)
     codes = model.amortized_codes(x)
@@ -640,9 +652,7 @@ def synthesis_step(model, batch, ctx):
     losses = {"reconstruction": ctx["perceptual"](fake, x), "latent": sum(latent.values()),
               "adversarial": adversarial_loss(disc(fake), 1)}
     g_loss = sum(weights[name] * value for name, value in losses.items())
-    opt["generator"].zero_grad(set_to_none=True)
-    g_loss.backward()
-    opt["generator"].step()
+    optimise(opt["generator"], g_loss)
     return {"discriminator": d_loss, "generator": g_loss, **losses}
 
 
@@ -745,7 +755,11 @@ def run_stage(stage, model, dataset, ctx, resume=None):
     bs, drop_last = scfg["batch_size"], stage != "disentanglement"
     if len(dataset) < bs and drop_last:
         raise UserError(f"{stage}.batch_size {bs} is larger than the {len(dataset)} images")
-    per_epoch = len(dataset) // bs if drop_last else -(-len(dataset) // bs)
+    if bs % ctx["world"]:
+        raise UserError(f"{stage}.batch_size {bs} (the global batch) must be divisible by the "
+                        f"{ctx['world']} processes")
+    shard = dict(rank=ctx["rank"], world=ctx["world"])
+    per_epoch = EndlessBatches(len(dataset), bs, 0, 0, drop_last, **shard).batches_per_epoch()
     total = scfg["n_epochs"] * per_epoch
     optimizers, annealed = stage_optimizers(stage, model, scfg)
     schedulers = {k: torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -759,15 +773,19 @@ def run_stage(stage, model, dataset, ctx, resume=None):
             s.load_state_dict(resume["schedulers"][k])
         step = resume["step"]
     ctx["stage"], ctx["optimizers"] = stage, optimizers
-    save = lambda: save_checkpoint(  # noqa: E731
-        os.path.join(ctx["out"], "checkpoint"),
-        overlord_checkpoint(model, ctx, stage, step, optimizers, schedulers))
+    main = ctx["rank"] == 0
+
+    def save():
+        if main:
+            save_checkpoint(os.path.join(ctx["out"], "checkpoint"),
+                            overlord_checkpoint(model, ctx, stage, step, optimizers, schedulers))
+
     batches = endless_loader(dataset, bs, ctx["cfg"]["seed"] * 3 + STAGES.index(stage), step,
-                             ctx["workers"], ctx["device"].type == "cuda", drop_last=drop_last)
+                             ctx["workers"], ctx["device"].type == "cuda", drop_last, **shard)
     step_fn, device = STAGE_STEPS[stage], ctx["device"]
     model.train()
     means, tick, tick_step = RunningMeans(), time.time(), step
-    bar = tqdm(total=total, initial=step, desc=stage, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=stage, dynamic_ncols=True, disable=not main)
     with StopRequest() as stop:
         while step < total and not stop.requested:
             try:
@@ -786,35 +804,41 @@ def run_stage(stage, model, dataset, ctx, resume=None):
             if step % per_epoch == 0:
                 epoch = step // per_epoch
                 seconds = time.time() - tick
-                append_jsonl(os.path.join(ctx["out"], "metrics.jsonl"), {
-                    "stage": stage, "epoch": epoch, "step": step, **means.means(),
-                    "img_per_s": bs * (step - tick_step) / seconds,
-                    "s_per_iter": seconds / (step - tick_step)})
+                record = {"stage": stage, "epoch": epoch, "step": step,
+                          **average_values(means.means()),
+                          "img_per_s": bs * (step - tick_step) / seconds,
+                          "s_per_iter": seconds / (step - tick_step)}
                 means.reset()
                 tick, tick_step = time.time(), step
-                if epoch % scfg["n_epochs_between_visualizations"] == 0 or step == total:
-                    save_translation_grids(model, dataset, stage, epoch, ctx)
+                if main:
+                    append_jsonl(os.path.join(ctx["out"], "metrics.jsonl"), record)
+                    if epoch % scfg["n_epochs_between_visualizations"] == 0 or step == total:
+                        save_translation_grids(model, dataset, stage, epoch, ctx)
                 save()
     bar.close()
     if stop.requested:
         save()
-        print(f"stopped in {stage} at batch {step}/{total}; resume with --load {ctx['out']}",
-              file=sys.stderr)
+        if main:
+            print(f"stopped in {stage} at batch {step}/{total}; resume with --load "
+                  f"{ctx['out']}", file=sys.stderr)
         sys.exit(130)
 
 
 def main_overlord(argv):
     """Train OverLORD's stages in order, or the one --stage names; resume with --load."""
     cfg, args, ckpt = resolve_overlord_config(argv)
+    rank, world, device = init_distributed(args.device)
+    main = rank == 0
     out = make_output_dir(args.out)
-    device = pick_device(args.device)
     seed_everything(cfg["seed"])
     perceptual = build_perceptual(cfg, args.vgg_weights).to(device)
 
-    # data
-    if not args.root:
-        args.root = make_demo_labeled(os.path.join(out, "demo_data"), size=DEMO_SIZE)
-        print(f"no --root: training on the synthetic labelled demo set in {args.root}")
+    # data (rank 0 draws the demo set first)
+    with main_process_first(rank):
+        if not args.root:
+            args.root = make_demo_labeled(os.path.join(out, "demo_data"), size=DEMO_SIZE)
+            if main:
+                print(f"no --root: training on the synthetic labelled demo set in {args.root}")
     prepared = load_prepared(args.root)
     data_fields = prepared.config_fields()
     if ckpt is not None:
@@ -831,8 +855,11 @@ def main_overlord(argv):
 
     # networks
     model = build_overlord(cfg).to(device)
-    ctx = {"cfg": cfg, "out": out, "device": device, "perceptual": perceptual,
-           "workers": args.workers, "done": [], "grid_rng": np.random.RandomState(1337)}
+    if world > 1:  # same initial weights everywhere, then each process its own noise
+        torch.manual_seed(cfg["seed"] * 1000 + rank)
+    ctx = {"cfg": cfg, "out": out, "device": device, "perceptual": perceptual, "rank": rank,
+           "world": world, "workers": args.workers, "done": [],
+           "grid_rng": np.random.RandomState(1337)}
     resume_stage = None
     if ckpt is not None:
         load_weights(model, ckpt["models"]["model"], f"--load {args.load}")
@@ -840,8 +867,10 @@ def main_overlord(argv):
         ctx["done"] = list(ckpt["done"])
         ctx["grid_rng"].set_state(numpy_rng_from_state(ckpt["grid_rng"]))
         resume_stage = ckpt["stage"]
-        print(f"resumed from {args.load}: {ckpt['stage']} at batch {ckpt['step']}")
-    write_json(os.path.join(out, "config.json"), cfg)
+        if main:
+            print(f"resumed from {args.load}: {ckpt['stage']} at batch {ckpt['step']}")
+    if main:
+        write_json(os.path.join(out, "config.json"), cfg)
 
     # stages
     todo = [args.stage] if args.stage else [s for s in STAGES if s not in ctx["done"]]
@@ -857,9 +886,11 @@ def main_overlord(argv):
                           and stage not in ctx["done"]) else None
         run_stage(stage, model, dataset, ctx, resume)
         ctx["done"] = [s for s in STAGES if s in ctx["done"] or s == stage]
-        save_checkpoint(os.path.join(out, "checkpoint"),
-                        overlord_checkpoint(model, ctx, stage, 0, {}, {}))
-    print(f"done: {', '.join(ctx['done'])}; grids, metrics.jsonl and checkpoint in {out}")
+        if main:
+            save_checkpoint(os.path.join(out, "checkpoint"),
+                            overlord_checkpoint(model, ctx, stage, 0, {}, {}))
+    if main:
+        print(f"done: {', '.join(ctx['done'])}; grids, metrics.jsonl and checkpoint in {out}")
 
 
 def main(argv=None):

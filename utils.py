@@ -1,4 +1,5 @@
 """Shared plumbing: user-facing errors, device choice, seeding, checkpoints, grids and metric logs."""
+import contextlib
 import json
 import os
 import random
@@ -214,3 +215,69 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes (torchrun): one per device, gradients averaged before every optimiser step
+
+def init_distributed(device_name="auto"):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
+    with one GPU per process when CUDA is there, else gloo on the CPU."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def distributed():
+    """True inside a process group of more than one process."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def average_gradients(params):
+    """Average the gradients of `params` over all processes, in one flattened all-reduce (the
+    arithmetic of DistributedDataParallel, without its one-forward-per-backward assumptions)."""
+    if not distributed():
+        return
+    import torch.distributed as dist
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def average_values(values):
+    """{name: float} averaged over all processes (for logs of the global batch)."""
+    if not distributed():
+        return values
+    import torch.distributed as dist
+    names = sorted(values)
+    t = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {n: v / dist.get_world_size() for n, v in zip(names, t.tolist())}
+
+
+@contextlib.contextmanager
+def main_process_first(rank):
+    """Rank 0 runs the block first (preparing files), then the others (reading them)."""
+    import torch.distributed as dist
+    if distributed() and rank != 0:
+        dist.barrier()
+    yield
+    if distributed() and rank == 0:
+        dist.barrier()
