@@ -1,0 +1,374 @@
+"""Time the training steps of both methods on random in-memory batches (no data loading).
+
+Each row: images/s and seconds per iteration (median after warm-up), model FLOPs of one step
+(forward + backward, counted once with FlopCounterMode), the FLOP/s achieved as a share of this
+machine's fp32 3x3-convolution peak, and peak memory.
+    OMP_NUM_THREADS=2 python bench.py --device cpu --resize 32 --bs 4 --iters 5    # CPU, all
+    python bench.py --method cd --resize 256 --bs 4 --reference     # GPU: ours vs the seed's loop
+    python bench.py --method cd --resize 256 --bs 4 --reference --e2_feats 512  # seed's wide E2
+    python bench.py --method cd --amp bf16 --channels_last --compile --json cd.json
+    python bench.py --method overlord --overlord_config ffhq --resize 256 --bs 16
+--amp, --channels_last, --compile and --d_codes apply to the CD step only.
+"""
+import argparse
+import contextlib
+import functools
+import json
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+from models import CDConfig, L1Distance, VGGDistance, build_cd, build_overlord, find_vgg_weights
+from utils import UserError, pick_device, run_cli, write_json
+
+SEED_E2_FEATS = 512  # kozistr's train.py built the separate encoder this wide (SPEC A8 bug 1)
+N_LABELS = 10        # OverLORD label-table rows for the bench (they barely change the cost)
+
+
+def build_parser():
+    """The bench's flags; CD defaults are train.py's, OverLORD's come from its PRESETS."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--method", choices=("cd", "overlord", "all"), default="all", help="steps to time")
+    a("--resize", type=int, default=64, help="image side")
+    a("--bs", type=int, default=8, help="batch size (CD: per domain, so 2*bs images a step)")
+    a("--iters", type=int, default=20, help="timed iterations per step (the median is reported)")
+    a("--warmup", type=int, default=3, help="untimed iterations before timing")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    a("--reference", action="store_true",
+      help="also time kozistr's CD loop as written (SPEC A5) and print our/seed ratios")
+    a("--e2_feats", type=int, default=CDConfig.e2_feats,
+      help=f"CD separate-encoder base width ({SEED_E2_FEATS} = the seed's train.py)")
+    a("--cd_flags", default="", help="more train.py CD flags, e.g. '--sep 64 --n_blocks 2'")
+    a("--d_codes", choices=("reuse", "recompute"), default="reuse",
+      help="CD discriminator step: reuse the autoencoder step's detached common codes, or "
+      "recompute them (the seed)")
+    a("--amp", choices=("off", "bf16", "fp16"), default="off", help="CD autocast precision")
+    a("--channels_last", action="store_true", help="CD model and inputs in channels_last")
+    a("--compile", action="store_true", help="torch.compile the CD networks")
+    a("--overlord_config", choices=sorted(train.PRESETS), default="demo",
+      help="OverLORD preset (network widths, loss weights)")
+    a("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+      help="override an OverLORD config field, as train.py --set (repeatable)")
+    a("--n_imgs", type=int, default=1000, help="OverLORD per-image code table size")
+    a("--json", default="", help="also write the report as JSON to this path")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring
+
+def sync(device):
+    """Wait for queued GPU work, so that wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def seconds(fn, device):
+    """Wall-clock seconds of one fn() call, its GPU work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def conv_peak_flops(device, channels=256, side=64, target_s=0.1, runs=5):
+    """(FLOP/s, input shape) of an fp32 3x3 conv, channels -> channels: best of `runs`."""
+    # the batch doubles until one forward takes about target_s / 2
+    weight = torch.randn(channels, channels, 3, 3, device=device)
+    batch = 1
+    while True:
+        x = torch.randn(batch, channels, side, side, device=device)
+        conv = functools.partial(F.conv2d, x, weight, padding=1)
+        conv()  # warm-up: algorithm choice, allocator
+        if seconds(conv, device) >= target_s / 2 or batch >= 256:
+            break
+        batch *= 2
+    best = min(seconds(conv, device) for _ in range(runs))
+    return 2 * batch * channels * side * side * channels * 9 / best, list(x.shape)
+
+
+class TotalsOnly(contextlib.nullcontext):
+    """FlopCounterMode's per-module tracker without its autograd hooks, which fail on R1's
+    autograd.grad and on no-grad views of parameters; every FLOP is booked to the total."""
+    parents = ("Global",)
+
+
+def count_flops(step):
+    """Model FLOPs of one step() call, forward and backward (matmuls and convolutions)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = TotalsOnly()
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def reset_peak_memory(device):
+    """Start a row's CUDA peak from what is allocated now (its model and optimiser included)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device):
+    """(bytes, what): CUDA's peak allocation since the reset, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024), "process peak RSS"
+
+
+def measure(name, step, n_images, flops, device, args, peak):
+    """Time `step` (median of --iters after --warmup) and make its table row."""
+    for _ in range(args.warmup):
+        step()
+    # synchronising after each step stands in for the loops' per-step loss.item()
+    s = statistics.median(seconds(step, device) for _ in range(args.iters))
+    memory, memory_kind = peak_memory(device)
+    return {"name": name, "images_per_s": n_images / s, "s_per_iter": s,
+            "flops_per_iter": flops, "flops_per_s": flops / s, "peak_pct": 100 * flops / s / peak,
+            "peak_memory_bytes": memory, "memory_kind": memory_kind}
+
+
+# ------------------------------------------------------------------------------------------------
+# Content disentanglement
+
+def cd_config(args):
+    """train.py's CD flags (its defaults, the bench's size and --cd_flags) plus step options."""
+    argv = ["--resize", str(args.resize), "--bs", str(args.bs), "--e2_feats", str(args.e2_feats),
+            *shlex.split(args.cd_flags)]
+    cfg = vars(train.build_parser().parse_args(argv))
+    cfg.update(method="cd", d_codes=args.d_codes, amp=args.amp,
+               channels_last=args.channels_last, compile=args.compile)
+    return cfg
+
+
+def cd_setup(cfg, device, seed_faithful=False):
+    """A seeded CD model, optimisers as train.py's main_cd (the seed's plain Adam when
+    `seed_faithful`), random A and B batches in [-1, 1]."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_cd(cfg).train()
+        x_a, x_b = [torch.rand(cfg["bs"], 3, cfg["resize"], cfg["resize"]) * 2 - 1 for _ in "ab"]
+    if cfg["channels_last"]:  # before the optimisers see the parameters
+        model = model.to(memory_format=torch.channels_last)
+        x_a, x_b = [x.contiguous(memory_format=torch.channels_last) for x in (x_a, x_b)]
+    if not seed_faithful:
+        return (model, x_a, x_b, *train.cd_optimizers(model, cfg))
+    betas = (cfg["beta1"], cfg["beta2"])
+    ae_opt = torch.optim.Adam(model.autoencoder_parameters(), cfg["lr"], betas, eps=cfg["eps"])
+    d_opt = torch.optim.Adam(model.latent_disc.parameters(), cfg["d_lr"], betas, eps=cfg["eps"])
+    return model, x_a, x_b, ae_opt, d_opt
+
+
+def compile_cd(model):
+    """train.compile_model(model) where train.py has one, else torch.compile each net in place."""
+    if hasattr(train, "compile_model"):
+        return train.compile_model(model) or model  # it may compile in place or return a model
+    for net in (model.common_encoder, model.separate_encoder, model.decoder, model.latent_disc):
+        net.compile()
+    return model
+
+
+def reference_step(model, x_a, x_b, ae_opt, d_opt, cfg):
+    """kozistr's iteration as written (SPEC A5), in fp32; returns the losses."""
+    # one call per encoder, decoder and D use; D is not frozen; the D step recomputes the codes
+    # with gradients and is not clipped (the seed's clip never ran)
+    common_a, separate_a = model.common_encoder(x_a), model.separate_encoder(x_a)
+    common_b = model.common_encoder(x_b)
+    recon = (F.mse_loss(model.decode(common_a, separate_a), x_a)
+             + F.mse_loss(model.decode(common_b), x_b))
+    adv = (train.adversarial_loss(model.latent_disc(common_a), 0)
+           + train.adversarial_loss(model.latent_disc(common_b), 0))
+    ae_loss = recon + cfg["adv_weight"] * adv
+    ae_opt.zero_grad()
+    ae_loss.backward()  # also fills D's gradients; d_opt.zero_grad drops them, as in the seed
+    torch.nn.utils.clip_grad_norm_(model.autoencoder_parameters(), train.AE_CLIP_NORM)
+    ae_opt.step()
+
+    common_a, common_b = model.common_encoder(x_a), model.common_encoder(x_b)
+    d_loss = (train.adversarial_loss(model.latent_disc(common_a), 1)
+              + train.adversarial_loss(model.latent_disc(common_b), 0))
+    d_opt.zero_grad()
+    d_loss.backward()  # through E1 too: the seed computed these codes with gradients
+    d_opt.step()
+    model.clamp_rho()
+    return {"ae": ae_loss, "disc": d_loss}
+
+
+def reference_flops(cfg):
+    """FLOPs of one seed-loop step, counted on the meta device (shapes only, no arithmetic)."""
+    step = functools.partial(reference_step, *cd_setup(cfg, torch.device("meta"), True), cfg)
+    return count_flops(step)
+
+
+def cd_row(cfg, device, args, peak):
+    """Row of train.train_step with the bench's step options."""
+    model, x_a, x_b, ae_opt, d_opt = cd_setup(cfg, device)
+    # float16 needs train.py's gradient scaler, as main_cd makes it
+    scaler = {"scaler": torch.amp.GradScaler(device.type)} if cfg["amp"] == "fp16" else {}
+    reset_peak_memory(device)
+    eager = dict(cfg, compile=False)  # counted before compiling: FLOPs are the model's
+    flops = count_flops(lambda: train.train_step(model, x_a, x_b, ae_opt, d_opt, eager, **scaler))
+    if cfg["compile"]:
+        model = compile_cd(model)
+    flags = [cfg["d_codes"], "fp32" if cfg["amp"] == "off" else cfg["amp"]]
+    flags += [key for key in ("channels_last", "compile") if cfg[key]]
+    step = functools.partial(train.train_step, model, x_a, x_b, ae_opt, d_opt, cfg, **scaler)
+    return measure(f"cd ({' '.join(flags)})", step, 2 * cfg["bs"], flops, device, args, peak)
+
+
+def reference_row(cfg, device, args, peak):
+    """Row of the seed's loop: fp32, default memory format, eager, plain Adam."""
+    model, x_a, x_b, ae_opt, d_opt = cd_setup(cfg, device, seed_faithful=True)
+    step = functools.partial(reference_step, model, x_a, x_b, ae_opt, d_opt, cfg)
+    reset_peak_memory(device)
+    flops = count_flops(step)
+    return measure(f"cd seed loop (e2_feats {cfg['e2_feats']})", step, 2 * cfg["bs"], flops,
+                   device, args, peak)
+
+
+def bench_cd(args, device, peak):
+    """Rows of our CD step (and the seed's loop), plus the seed loop's FLOPs at each E2 width."""
+    cfg = cd_config(args)
+    rows, extra = [cd_row(cfg, device, args, peak)], {}
+    if args.reference:
+        seed_cfg = dict(cfg, amp="off", channels_last=False, compile=False)
+        widths = sorted({CDConfig.e2_feats, SEED_E2_FEATS, cfg["e2_feats"]})
+        extra["reference_flops"] = {str(w): reference_flops(dict(seed_cfg, e2_feats=w))
+                                    for w in widths}
+        rows.append(reference_row(seed_cfg, device, args, peak))
+        extra["ratio"] = rows[0]["images_per_s"] / rows[1]["images_per_s"]
+    return rows, extra
+
+
+# ------------------------------------------------------------------------------------------------
+# OverLORD
+
+def overlord_config(args):
+    """The preset with --set overrides and the bench's data fields (img_shape, n_imgs, ...)."""
+    if args.resize < 8 or args.resize & (args.resize - 1):
+        raise UserError(f"--resize {args.resize}: OverLORD needs a power of two >= 8")
+    if args.bs % min(args.bs, 4):
+        raise UserError(f"--bs {args.bs}: OverLORD's discriminator needs a multiple of 4 "
+                        f"(or fewer than 4)")
+    cfg = json.loads(json.dumps(train.PRESETS[args.overlord_config]))
+    for assignment in args.overrides:
+        train.apply_override(cfg, assignment)
+    cfg.update(preset=args.overlord_config, method="overlord", n_imgs=args.n_imgs,
+               img_shape=[args.resize, args.resize, 3], n_labels=N_LABELS)
+    return cfg
+
+
+def overlord_perceptual(cfg):
+    """(distance, description): frozen VGG16 when its weights are on disk, else L1."""
+    path = find_vgg_weights()
+    if cfg["perceptual"]["kind"] == "l1" or path is None:
+        return L1Distance(), "L1" + (" fallback (no VGG16 weights found)" if path is None else "")
+    return VGGDistance(cfg["perceptual"]["layer_ids"], cfg["perceptual"]["normalize"],
+                       path), f"VGG16 ({path})"
+
+
+def overlord_batch(cfg, bs, device):
+    """A random batch shaped like LabelledImages' (images in [0, 1])."""
+    side = cfg["img_shape"][0]
+    batch = {"img": torch.rand(bs, 3, side, side, device=device),
+             "index": torch.randint(cfg["n_imgs"], (bs,), device=device),
+             "label": torch.randint(cfg["n_labels"], (bs,), device=device)}
+    if cfg["correlation"]:
+        batch["img_augmented"] = torch.rand_like(batch["img"])
+    return batch
+
+
+def bench_overlord(args, device, peak):
+    """One row per stage: train.py's step functions with a ctx built as run_stage builds it."""
+    cfg = overlord_config(args)
+    perceptual, perceptual_name = overlord_perceptual(cfg)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_overlord(cfg).train()
+    ctx = {"cfg": cfg, "perceptual": perceptual.to(device)}
+    batch, rows = overlord_batch(cfg, args.bs, device), []
+    for stage in train.STAGES:
+        ctx.update(stage=stage, optimizers=train.stage_optimizers(stage, model, cfg[stage])[0])
+        step = functools.partial(train.STAGE_STEPS[stage], model, batch, ctx)
+        reset_peak_memory(device)
+        flops = count_flops(step)
+        rows.append(measure(f"overlord {stage}", step, args.bs, flops, device, args, peak))
+    return rows, {"notes": [f"overlord {args.overlord_config} preset, perceptual distance: "
+                            f"{perceptual_name}"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+def run_bench(args):
+    """Measure the conv peak, then every requested step; returns the report as a dict."""
+    if args.iters < 1 or args.warmup < 0 or args.bs < 1:
+        raise UserError("--iters and --bs must be positive, --warmup >= 0")
+    device = pick_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    peak, peak_shape = conv_peak_flops(device)
+    report = {"device": f"{device} ({name or 'unknown'}, {torch.get_num_threads()} threads)",
+              "torch": torch.__version__, "settings": vars(args), "conv_peak_flops": peak,
+              "conv_peak_shape": peak_shape, "rows": [], "notes": []}
+    if device.type == "cuda":
+        report["notes"].append(f"cuDNN may use TF32 for fp32 convolutions: "
+                               f"{torch.backends.cudnn.allow_tf32} (peak and steps alike)")
+    methods = ("cd", "overlord") if args.method == "all" else (args.method,)
+    for method in methods:
+        rows, extra = (bench_cd if method == "cd" else bench_overlord)(args, device, peak)
+        report["rows"] += rows
+        report["notes"] += extra.pop("notes", [])
+        report.update(extra)
+    if device.type != "cuda":
+        report["notes"].append("peak memory is the process's peak RSS so far, earlier rows too")
+    if args.amp != "off":
+        report["notes"].append("% peak is against the fp32 peak, so autocast rows may pass 100")
+    return report
+
+
+def print_report(report):
+    """The report as a table with notes."""
+    s = report["settings"]
+    print(f"{report['device']}, torch {report['torch']}; {s['resize']} px, batch {s['bs']} "
+          f"(CD: per domain); median of {s['iters']} after {s['warmup']} warm-up")
+    n, c, h, _ = report["conv_peak_shape"]
+    print(f"fp32 conv peak (3x3, {c}->{c} channels, {h}x{h}, batch {n}): "
+          f"{report['conv_peak_flops'] / 1e9:.1f} GFLOP/s")
+    print(f"{'step':<42}{'img/s':>9}{'s/iter':>9}{'GFLOP/iter':>12}{'GFLOP/s':>10}"
+          f"{'% peak':>8}{'peak MiB':>10}")
+    for r in report["rows"]:
+        print(f"{r['name']:<42}{r['images_per_s']:9.1f}{r['s_per_iter']:9.4f}"
+              f"{r['flops_per_iter'] / 1e9:12.2f}{r['flops_per_s'] / 1e9:10.1f}"
+              f"{r['peak_pct']:8.1f}{r['peak_memory_bytes'] / 2**20:10.0f}")
+    for width, flops in report.get("reference_flops", {}).items():
+        print(f"seed loop FLOPs at e2_feats {width}: {flops / 1e9:.2f} GFLOP per iteration")
+    if "ratio" in report:
+        print(f"ours / seed loop (images/s): {report['ratio']:.2f}x")
+    for note in report["notes"]:
+        print(f"note: {note}")
+
+
+def main(argv=None):
+    """Parse the flags, run the bench, print the table and write the JSON."""
+    args = build_parser().parse_args(argv)
+    report = run_bench(args)
+    print_report(report)
+    if args.json:
+        write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    run_cli(main)

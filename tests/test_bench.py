@@ -1,0 +1,90 @@
+"""bench.py on tiny networks: the report's fields, the FLOP counts and the seed-loop step.
+
+Timings are never asserted; only that they are there and positive."""
+import json
+
+import pytest
+import torch
+
+import bench
+import train
+from utils import UserError
+
+# 16 px, CD codes of 32 channels, OverLORD networks 8-16 wide: a few seconds on one CPU core
+TINY = ["--resize", "16", "--bs", "4", "--iters", "2", "--warmup", "1", "--device", "cpu",
+        "--e2_feats", "8",
+        "--cd_flags", "--n_blocks 1 --n_tot_feats 32 --sep 8 --n_enc_res_blocks 1 --n_res_blocks 1",
+        *[flag for s in ("label_dim=8", "uncorrelated_dim=8", "generator.max_width=16",
+                         "encoder.base=8", "encoder.max_width=16", "discriminator.max_width=16")
+          for flag in ("--set", s)]]
+ROW_FIELDS = {"name", "images_per_s", "s_per_iter", "flops_per_iter", "flops_per_s",
+              "peak_pct", "peak_memory_bytes", "memory_kind"}
+
+
+def parse(*extra):
+    """The bench's flags: TINY followed by `extra`."""
+    return bench.build_parser().parse_args([*TINY, *extra])
+
+
+def test_report_rows_reference_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    bench.main([*TINY, "--reference", "--json", str(path)])
+    report = json.loads(path.read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["cd (reuse fp32)", "cd seed loop (e2_feats 8)", "overlord disentanglement",
+                     "overlord amortization", "overlord synthesis"]
+    for row in report["rows"]:
+        assert set(row) == ROW_FIELDS
+        assert row["flops_per_iter"] > 0 and row["images_per_s"] > 0 and row["s_per_iter"] > 0
+        assert row["peak_memory_bytes"] > 0 and row["memory_kind"] == "process peak RSS"
+        assert row["flops_per_s"] == pytest.approx(row["flops_per_iter"] / row["s_per_iter"])
+        assert row["peak_pct"] == pytest.approx(100 * row["flops_per_s"]
+                                                / report["conv_peak_flops"])
+    ours, seed = report["rows"][:2]
+    assert report["ratio"] == pytest.approx(ours["images_per_s"] / seed["images_per_s"])
+    # the seed loop runs E1 twice more and D backward through E1: more FLOPs than ours
+    assert seed["flops_per_iter"] > ours["flops_per_iter"]
+    # counted on the meta device, the same step gives the same count as on the CPU
+    flops = {int(w): f for w, f in report["reference_flops"].items()}
+    assert sorted(flops) == [8, 32, 512]
+    assert flops[8] == seed["flops_per_iter"] and flops[8] < flops[32] < flops[512]
+    assert report["conv_peak_flops"] > 0
+    assert any("L1" in note or "VGG16" in note for note in report["notes"])
+    printed = capsys.readouterr().out
+    assert "ours / seed loop" in printed and all(name in printed for name in names)
+
+
+def test_step_options_reach_the_cd_row():
+    args = parse("--method", "cd", "--d_codes", "recompute", "--amp", "bf16", "--channels_last")
+    cfg = bench.cd_config(args)
+    assert (cfg["d_codes"], cfg["amp"], cfg["channels_last"]) == ("recompute", "bf16", True)
+    assert (cfg["resize"], cfg["e2_feats"], cfg["sep"]) == (16, 8, 8)
+    model, x_a, *_ = bench.cd_setup(cfg, torch.device("cpu"))
+    assert x_a.is_contiguous(memory_format=torch.channels_last)
+    (row,), _ = bench.bench_cd(args, torch.device("cpu"), peak=1e9)
+    assert row["name"] == "cd (recompute bf16 channels_last)"
+    # recomputing the codes costs a common-encoder forward more than reusing them
+    (reuse,), _ = bench.bench_cd(parse("--method", "cd"), torch.device("cpu"), peak=1e9)
+    assert row["flops_per_iter"] > reuse["flops_per_iter"]
+
+
+def test_seed_loop_step_has_train_steps_losses():
+    # first step from the same weights: the same autoencoder loss, and (D recomputed on the
+    # updated encoder in both) the same discriminator loss up to spectral-norm power iterations
+    cfg = bench.cd_config(parse("--d_codes", "recompute"))
+    ours = train.train_step(*bench.cd_setup(cfg, torch.device("cpu")), cfg)
+    seed = bench.reference_step(*bench.cd_setup(cfg, torch.device("cpu")), cfg)
+    assert seed["ae"].item() == pytest.approx(ours["ae"], rel=1e-5)
+    assert seed["disc"].item() == pytest.approx(ours["disc"], rel=1e-3)
+
+
+def test_conv_peak_is_positive():
+    flops, shape = bench.conv_peak_flops(torch.device("cpu"), channels=8, side=8, target_s=1e-4)
+    assert flops > 0 and shape[0] >= 1 and shape[1:] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("extra, message", [(("--resize", "24"), "power of two"),
+                                            (("--bs", "6"), "multiple of 4")])
+def test_overlord_sizes_are_checked(extra, message):
+    with pytest.raises(UserError, match=message):
+        bench.overlord_config(parse(*extra))
