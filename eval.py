@@ -13,21 +13,32 @@ OverLORD (after the amortisation stage):
     python eval.py --load ./ol --img face.png --reference ref.png --output out.png
     python eval.py --load ./ol --pairs pairs.csv             # reference may be empty: all labels
     python eval.py --load ./ol                               # translation grids on its data
+
+Either method:
+    python eval.py --load RUN --metrics      # metrics table, RUN/metrics_eval.json (README)
+    python eval.py --load RUN --plot         # RUN/loss_curves.png from RUN/metrics.jsonl
 """
 import argparse
+import contextlib
 import csv
+import json
+import math
 import os
 import sys
 
+import cv2
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from data import (ImageFiles, LabelledImages, center_crop, check_images, domain_paths,
                   load_prepared, preprocess, read_image, resize_square, write_image)
-from models import build_cd, build_overlord
-from train import save_transfer_grid
+from models import VGGDistance, build_cd, build_overlord, find_vgg_weights
+from train import (GRID_IMAGES, collate_items, save_transfer_grid, translation_tiles,
+                   view_for_correlated)
 from utils import (UserError, checkpoint_path, load_checkpoint, load_weights, make_output_dir,
-                   pick_device, run_cli, save_tiles)
+                   pick_device, run_cli, save_tiles, write_json)
 
 INTERPOLATION_STEPS = 6   # blend weights 0, 0.2, ..., 1
 INTERPOLATION_B_IMAGES = 5
@@ -58,10 +69,23 @@ def build_parser():
     a("--image_root", default="", help="folder to find listed images in when their absolute "
       "paths do not exist")
     a("--skip_bad", action="store_true", help="drop unreadable or too-small test images")
+    a("--metrics", action="store_true", help="print the metrics table and write "
+      "metrics_eval.json (into --out, default: the run folder); see the README")
+    a("--metrics_images", type=int, default=256, help="--metrics: at most this many images per "
+      "split and domain (a fixed-seed subset of larger ones)")
+    a("--vgg_weights", default="", help="--metrics: VGG16 ImageNet weights for the feature "
+      "distance of diversity (default: the torch hub cache; never downloaded)")
+    a("--plot", action="store_true", help="draw the run's metrics.jsonl as loss_curves.png "
+      "(into --out, default: the run folder)")
     return p
 
 
 BUILDERS = {"cd": build_cd, "overlord": build_overlord}
+
+
+def run_folder(load):
+    """The folder of the run that --load names (a run folder or a checkpoint file)."""
+    return os.path.dirname(os.path.abspath(checkpoint_path(load)))
 
 
 def load_model(path, device, method="cd"):
@@ -125,8 +149,7 @@ def evaluate_on_data(args, model, cfg, step):
         if len(usable) < n:
             raise UserError(f"{split} has {len(usable)} images, fewer than --num_display {n}")
         sets[split] = ImageFiles(usable, cfg["crop"], cfg["resize"])
-    run_folder = os.path.dirname(os.path.abspath(checkpoint_path(args.load)))
-    out = make_output_dir(args.out or os.path.join(run_folder, "eval"))
+    out = make_output_dir(args.out or os.path.join(run_folder(args.load), "eval"))
     for path in write_grids(model, step, sets, n, out):
         print(path)
 
@@ -201,15 +224,20 @@ def overlord_input(path, size, what):
 
 
 @torch.no_grad()
-def translate_to_every_label(model, x):
-    """(N, K+1, 3, S, S): each image followed by G([E_u(x), L[k]]) for every label k, with the
-    stage-1 label table (as the original)."""
+def translate_to_labels(model, x, labels):
+    """(N, len(labels), 3, S, S): G([E_u(x), L[k]]) for each label k, with the stage-1 label
+    table (as the original)."""
     u = model.uncorrelated_encoder(x)
-    labels = model.label_embedding.weight                                       # (K, label_dim)
-    out = [x]
-    for k in range(labels.shape[0]):
-        out.append(model.amortized_generator(model.latent(u, labels[k].expand(len(x), -1))))
+    table = model.label_embedding.weight                                        # (K, label_dim)
+    out = [model.amortized_generator(model.latent(u, table[k].expand(len(x), -1)))
+           for k in labels]
     return torch.stack(out, 1).clamp(0, 1)
+
+
+def translate_to_every_label(model, x):
+    """(N, K+1, 3, S, S): each image followed by its translation to every label k."""
+    every = translate_to_labels(model, x, range(model.label_embedding.num_embeddings))
+    return torch.cat([x[:, None].clamp(0, 1), every], 1)
 
 
 @torch.no_grad()
@@ -244,18 +272,21 @@ def manipulate(model, cfg, jobs, bs, device):
                 print(output)
 
 
+def overlord_dataset(cfg, data=""):
+    """The prepared set at `data` (default: the run's own), served as training served it."""
+    prepared = load_prepared(data or cfg["root"])
+    if prepared.config_fields()["img_shape"] != cfg["img_shape"]:
+        raise UserError(f"--data {data}: images of another size than the model's")
+    return LabelledImages(prepared, augment=cfg["augmentation"] if cfg["correlation"] else None,
+                          with_masks=cfg["correlation"] == "localized")
+
+
 def overlord_grids(model, cfg, args, device):
     """Translation grids (fixed image sample) and, for uncorrelated configs, all-label rows."""
-    from train import GRID_IMAGES, collate_items, translation_tiles
-    prepared = load_prepared(args.data or cfg["root"])
-    if prepared.config_fields()["img_shape"] != cfg["img_shape"]:
-        raise UserError(f"--data {args.data}: images of another size than the model's")
-    dataset = LabelledImages(prepared, augment=cfg["augmentation"] if cfg["correlation"] else None,
-                             with_masks=cfg["correlation"] == "localized")
+    dataset = overlord_dataset(cfg, args.data)
     n = min(args.num_display or GRID_IMAGES, len(dataset))
     batch = collate_items(dataset, np.random.RandomState(0).choice(len(dataset), n, False), device)
-    out = make_output_dir(args.out or os.path.join(
-        os.path.dirname(os.path.abspath(checkpoint_path(args.load))), "eval"))
+    out = make_output_dir(args.out or os.path.join(run_folder(args.load), "eval"))
     written = [os.path.join(out, "translation.png")]
     save_tiles(translation_tiles(model, batch, "synthesis", cfg), written[-1], nrow=n + 1,
                value_range=(0.0, 1.0))
@@ -267,9 +298,634 @@ def overlord_grids(model, cfg, args, device):
         print(path)
 
 
+# ------------------------------------------------------------------------------------------------
+# Metrics (--metrics), shared parts: batches, scores, leakage probes, the attribute classifier
+
+METRICS_SEED = 0            # image subsets, the held-out split, probe and classifier weights
+METRICS_BATCH = 64          # images (or codes) per forward pass
+HELD_OUT_FRACTION = 0.2     # OverLORD: share of the images held out as "test" (it has no split)
+PROBE_STEPS = 200           # full-batch Adam steps of each leakage probe
+PROBE_LR = {"linear": 1e-2, "mlp": 1e-3}
+PROBE_HIDDEN = 256          # width of the MLP probe's two hidden layers
+PROBE_MAX_DIMS = 512        # probes see the codes in at most this many principal directions
+PROBE_WEIGHT_DECAY = 1e-2   # L2 of the probes (as the original's latent classifiers)
+CLASSIFIER_EPOCHS = 8       # attribute classifier: epochs over the held-in real images
+CLASSIFIER_BATCH = 32
+CLASSIFIER_LR = 1e-3
+CLASSIFIER_WEIGHT_DECAY = 1e-4
+CLASSIFIER_SIDE = 64        # the classifier sees images area-downsampled to at most this side
+CHANGED_FRACTION = 0.1      # per image, the most-changed pixels left out of unchanged_l1
+DIVERSITY_IMAGES = 16       # images translated by several references each
+DIVERSITY_REFERENCES = 4    # references per image (OverLORD: per image and target label)
+MAX_TARGET_LABELS = 16      # OverLORD: labels translated to (a fixed-seed subset when more)
+SAMPLE_IMAGES = 8           # images shown in metrics_samples.png
+VGG_MIN_SIDE = 32           # VGG16's five poolings need images at least this large
+
+
+@contextlib.contextmanager
+def seeded(seed=METRICS_SEED):
+    """Run the block with torch's CPU generator seeded; its state is restored after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def fixed_subset(n, cap):
+    """Sorted indices of a fixed-seed random subset of range(n), of at most `cap` items."""
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.RandomState(METRICS_SEED).choice(n, cap, replace=False))
+
+
+def batched(fn, *inputs):
+    """fn over aligned chunks of tensors (or dicts of tensors), outputs concatenated; no grad."""
+    first = inputs[0]
+    n = len(next(iter(first.values())) if isinstance(first, dict) else first)
+
+    def chunk(t, i):
+        if isinstance(t, dict):
+            return {k: v[i:i + METRICS_BATCH] for k, v in t.items()}
+        return t[i:i + METRICS_BATCH]
+
+    with torch.no_grad():
+        return torch.cat([fn(*(chunk(t, i) for t in inputs)) for i in range(0, n, METRICS_BATCH)])
+
+
+def reconstruction_scores(images, reconstructions):
+    """Mean per-image PSNR (dB) and mean squared error, both on [0, 1] images."""
+    mse = (reconstructions.clamp(0, 1) - images).pow(2).flatten(1).mean(1)   # (N,)
+    psnr = 10 * torch.log10(1 / mse.clamp_min(1e-10))                        # at most 100 dB
+    return {"psnr": psnr.mean().item(), "mse": mse.mean().item()}
+
+
+def balanced_accuracy(predicted, labels, n_classes):
+    """Mean over the classes present of the share of their samples predicted right."""
+    recalls = [(predicted[labels == k] == k).float().mean()
+               for k in range(n_classes) if (labels == k).any()]
+    return torch.stack(recalls).mean().item()
+
+
+def class_weights(labels, n_classes):
+    """Inverse-frequency cross-entropy weights, so that every class counts alike."""
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    return counts.sum() / (n_classes * counts.clamp_min(1))
+
+
+def fit(net, x, y, n_classes, epochs, batch_size, lr, weight_decay):
+    """Train `net` with class-balanced cross-entropy and Adam in a seeded order; eval mode after."""
+    net = net.to(x.device).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr, weight_decay=weight_decay)
+    weight = class_weights(y, n_classes)
+    order = torch.Generator().manual_seed(METRICS_SEED)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=order).to(x.device).split(batch_size):
+                loss = F.cross_entropy(net(x[idx]), y[idx], weight=weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return net.eval()
+
+
+def predict(net, x):
+    """The class `net` gives each row of x."""
+    return batched(lambda t: net(t).argmax(1), x)
+
+
+def probe_features(held_in, held_out):
+    """Flattened codes standardised with the held-in statistics, then expressed in the held-in
+    codes' principal directions: a rotation of their span, at most PROBE_MAX_DIMS of them."""
+    held_in, held_out = held_in.flatten(1).float(), held_out.flatten(1).float()
+    mean, std = held_in.mean(0), held_in.std(0, unbiased=False).clamp_min(1e-6)
+    held_in, held_out = (held_in - mean) / std, (held_out - mean) / std
+    if held_in.shape[1] <= PROBE_MAX_DIMS:
+        return held_in, held_out
+    basis = torch.linalg.svd(held_in, full_matrices=False)[2][:PROBE_MAX_DIMS]  # (k, D)
+    return held_in @ basis.T, held_out @ basis.T
+
+
+def probe(kind, dims, n_classes):
+    """A linear probe (logistic regression) or a 256-256 leaky-ReLU MLP, seeded."""
+    with seeded():
+        if kind == "linear":
+            return nn.Linear(dims, n_classes)
+        return nn.Sequential(nn.Linear(dims, PROBE_HIDDEN), nn.LeakyReLU(0.2),
+                             nn.Linear(PROBE_HIDDEN, PROBE_HIDDEN), nn.LeakyReLU(0.2),
+                             nn.Linear(PROBE_HIDDEN, n_classes))
+
+
+def leakage(held_in, held_in_labels, held_out, held_out_labels, n_classes):
+    """Held-out balanced accuracy of a linear and an MLP probe that predict the label from the
+    codes, beside chance (1/K): lower is better, chance is perfect."""
+    x_in, x_out = probe_features(held_in, held_out)
+    scores = {}
+    for kind, lr in PROBE_LR.items():
+        net = fit(probe(kind, x_in.shape[1], n_classes), x_in, held_in_labels, n_classes,
+                  PROBE_STEPS, len(x_in), lr, PROBE_WEIGHT_DECAY)
+        scores[kind] = balanced_accuracy(predict(net, x_out), held_out_labels, n_classes)
+    return {**scores, "chance": 1 / n_classes}
+
+
+class AttributeClassifier(nn.Module):
+    """Small CNN from [0, 1] images (area-downsampled to CLASSIFIER_SIDE at most) to K logits."""
+
+    def __init__(self, n_classes, width=16):
+        super().__init__()
+        layers, channels = [nn.Conv2d(3, width, 3, 1, 1), nn.LeakyReLU(0.2)], width
+        for out in (2 * width, 4 * width, 4 * width):
+            layers += [nn.Conv2d(channels, out, 3, 2, 1), nn.LeakyReLU(0.2)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, n_classes)
+
+    def forward(self, x):
+        if x.shape[-1] > CLASSIFIER_SIDE:
+            x = F.adaptive_avg_pool2d(x, CLASSIFIER_SIDE)
+        return self.head(self.features(2 * x - 1).mean((2, 3)))   # (N, K)
+
+
+def attribute_classifier(held_in, held_in_labels, held_out, held_out_labels, n_classes):
+    """(classifier trained on held-in real images, its held-out balanced accuracy and chance)."""
+    with seeded():
+        net = AttributeClassifier(n_classes)
+    fit(net, held_in, held_in_labels, n_classes, CLASSIFIER_EPOCHS, CLASSIFIER_BATCH,
+        CLASSIFIER_LR, CLASSIFIER_WEIGHT_DECAY)
+    accuracy = balanced_accuracy(predict(net, held_out), held_out_labels, n_classes)
+    return net, {"accuracy": accuracy, "chance": 1 / n_classes}
+
+
+def unchanged_per_image(translations, sources):
+    """(N,) mean |translation - source| (0-1 scale, RGB averaged) over each image's pixels,
+    leaving out the CHANGED_FRACTION of its pixels that changed most (the transferred part)."""
+    change = (translations - sources).abs().mean(1).flatten(1)                # (N, H*W)
+    keep = change.shape[1] - int(round(CHANGED_FRACTION * change.shape[1]))
+    return change.sort(1).values[:, :keep].mean(1)
+
+
+def reference_indices(n, r, count, device):
+    """(n * r,) indices: image i gets references i, i+1, ..., i+r-1 (mod count), all distinct
+    when count >= r."""
+    return ((torch.arange(n)[:, None] + torch.arange(r)) % count).flatten().to(device)
+
+
+def load_vgg(cfg, path):
+    """The perceptual loss's VGG16 (its layers and normalisation) if its weights are on disk."""
+    if find_vgg_weights(path or None) is None:
+        return None
+    perceptual = cfg.get("perceptual", {})
+    options = {k: perceptual[k] for k in ("layer_ids", "normalize") if k in perceptual}
+    try:
+        return VGGDistance(**options, weights=path or None)
+    except RuntimeError as e:
+        raise UserError(f"--vgg_weights: {e}") from None
+
+
+def pairwise_diversity(translations, vgg):
+    """Mean distance over every pair of one image's translations (N, R, 3, H, W) in [0, 1]:
+    pixel L1, and VGG feature L1 (the perceptual loss without its pixel term) if vgg."""
+    r = translations.shape[1]
+    first, second = torch.triu_indices(r, r, 1, device=translations.device)
+    a, b = translations[:, first].flatten(0, 1), translations[:, second].flatten(0, 1)
+    scores = {"pixel_l1": (a - b).abs().mean().item(), "vgg_l1": "unavailable"}
+    if vgg is not None and a.shape[-1] >= VGG_MIN_SIDE:
+        vgg = vgg.to(a.device)
+        # vgg() is pixel L1 + feature L1, averaged over a chunk: one copy per pair weighs chunks
+        features = batched(lambda s, t: (vgg(s, t) - (s - t).abs().mean()).expand(len(s)), a, b)
+        scores["vgg_l1"] = features.mean().item()
+    return scores
+
+
+def mean_scores(scores):
+    """Key-wise mean of dicts of numbers (a non-number, such as 'unavailable', is kept)."""
+    return {k: float(np.mean([s[k] for s in scores])) if isinstance(v, float) else v
+            for k, v in scores[0].items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics of content disentanglement
+
+def domain_labels(n_a, n_b, device):
+    """Labels of n_a A images followed by n_b B images: A = 1, B = 0 (as the discriminator)."""
+    return torch.cat([torch.ones(n_a), torch.zeros(n_b)]).long().to(device)
+
+
+def cd_metric_images(args, cfg):
+    """{split: (n, 3, R, R) images in [0, 1]}: a fixed-seed subset of at most --metrics_images
+    images of each of trainA, trainB, testA, testB, checked and cropped as in training."""
+    paths = domain_paths(args.data or cfg["root"], args.image_root or cfg.get("image_root", ""))
+    images = {}
+    for split, files in paths.items():
+        files = [files[i] for i in fixed_subset(len(files), args.metrics_images)]
+        usable = check_images(files, cfg["crop"], split, args.skip_bad)
+        dataset = ImageFiles(usable, cfg["crop"], cfg["resize"])
+        images[split] = (dataset.batch(range(len(dataset))) + 1) / 2
+    return images
+
+
+def cd_encode(encoder, x):
+    """Codes of [0, 1] images (the networks work in [-1, 1])."""
+    return batched(lambda t: encoder(2 * t - 1), x)
+
+
+def cd_decode(model, common, separate=None):
+    """[0, 1] images decoded from common and separate codes (None: the zero code of B)."""
+    if separate is None:
+        return batched(lambda c: (model.decode(c) + 1) / 2, common)
+    return batched(lambda c, s: (model.decode(c, s) + 1) / 2, common, separate)
+
+
+def cd_metrics(model, images, vgg):
+    """(metrics, sample tiles, tiles per row) of a CD model on images from cd_metric_images."""
+    device = next(model.parameters()).device
+    x = {split: v.to(device) for split, v in images.items()}
+    common = {split: cd_encode(model.common_encoder, v) for split, v in x.items()}
+    separate_a = cd_encode(model.separate_encoder, x["testA"])
+    n_a, n_b = len(x["testA"]), len(x["testB"])
+    train_labels = domain_labels(len(x["trainA"]), len(x["trainB"]), device)
+    test_labels = domain_labels(n_a, n_b, device)
+    metrics = {"reconstruction": {
+        "A": reconstruction_scores(x["testA"], cd_decode(model, common["testA"], separate_a)),
+        "B": reconstruction_scores(x["testB"], cd_decode(model, common["testB"]))}}
+
+    # leakage: is A-vs-B readable from the common code?
+    metrics["leakage"] = {"common_code": leakage(
+        torch.cat([common["trainA"], common["trainB"]]), train_labels,
+        torch.cat([common["testA"], common["testB"]]), test_labels, 2)}
+
+    # transfer: B_j with the separate code of A_(j mod n_A), and A_i with the zero code
+    classifier, metrics["classifier"] = attribute_classifier(
+        torch.cat([x["trainA"], x["trainB"]]), train_labels,
+        torch.cat([x["testA"], x["testB"]]), test_labels, 2)
+    added = cd_decode(model, common["testB"], separate_a[torch.arange(n_b, device=device) % n_a])
+    removed = cd_decode(model, common["testA"])
+    metrics["transfer"] = {
+        "add": {"success": (predict(classifier, added) == 1).float().mean().item(),
+                "unchanged_l1": unchanged_per_image(added, x["testB"]).mean().item()},
+        "remove": {"success": (predict(classifier, removed) == 0).float().mean().item(),
+                   "unchanged_l1": unchanged_per_image(removed, x["testA"]).mean().item()}}
+
+    # diversity: each of the first B images with the separate codes of several A images
+    n, r = min(DIVERSITY_IMAGES, n_b), min(DIVERSITY_REFERENCES, n_a)
+    metrics["diversity"] = None
+    if r > 1:
+        many = cd_decode(model, common["testB"][:n].repeat_interleave(r, 0),
+                         separate_a[reference_indices(n, r, n_a, device)])
+        metrics["diversity"] = pairwise_diversity(many.view(n, r, *many.shape[1:]), vgg)
+
+    k = min(SAMPLE_IMAGES, n_a, n_b)
+    tiles = torch.cat([x["testB"][:k], added[:k], x["testA"][:k], removed[:k]])
+    return metrics, tiles, k
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics of OverLORD
+
+def held_out_split(n, cap):
+    """(held-in, held-out) sorted indices: a fixed-seed HELD_OUT_FRACTION of the n images is
+    held out; each part is capped at `cap`."""
+    if n < 5:
+        raise UserError(f"--metrics needs at least 5 images to hold some out; the data has {n}")
+    order = np.random.RandomState(METRICS_SEED).permutation(n)
+    n_out = max(1, int(round(HELD_OUT_FRACTION * n)))
+    return np.sort(order[n_out:][:cap]), np.sort(order[:n_out][:cap])
+
+
+def table_reconstruction(model, batch, cfg):
+    """Stage 1: G([u, l(, c)]) from the per-image and label tables and the stage-1 generator."""
+    codes = model.table_codes(batch["index"], batch["label"], view_for_correlated(batch, cfg))
+    return model.generator(model.latent(*codes)).clamp(0, 1)
+
+
+def amortized_reconstruction(model, x):
+    """Stages 2-3: G_am([E_u(x), E_l(x)(, E_c(x))])."""
+    return model.amortized_generator(model.latent(*model.amortized_codes(x))).clamp(0, 1)
+
+
+def target_labels(n_labels):
+    """The labels translated to: all, or a fixed-seed MAX_TARGET_LABELS of them."""
+    return [int(k) for k in fixed_subset(n_labels, MAX_TARGET_LABELS)]
+
+
+def references_of(held_in, label):
+    """Held-in images of `label`, the references of by-reference translation."""
+    return held_in["img"][held_in["label"] == label]
+
+
+def translations_to(model, x, label, references):
+    """x translated to `label`: by the stage-1 label table, or (references given: of that label,
+    one per image) by reference."""
+    if references is None:
+        return batched(lambda t: translate_to_labels(model, t, [label])[:, 0], x)
+    return batched(lambda t, ref: translate_by_reference(model, t, ref), x, references)
+
+
+def overlord_transfer(model, cfg, held_in, held_out, classifier):
+    """Translate every held-out image to each target label: the share the classifier assigns to
+    the target (all pairs, and pairs that change the label) and how much the rest moved.
+    Returns (scores, sample tiles, tiles per row)."""
+    x, labels = held_out["img"], held_out["label"]
+    by_reference = bool(cfg["correlation"])
+    hits, changed_hits, unchanged, samples = [], [], [], [x[:SAMPLE_IMAGES]]
+    for k in target_labels(cfg["n_labels"]):
+        references = None
+        if by_reference:
+            pool = references_of(held_in, k)
+            if not len(pool):
+                continue
+            references = pool[torch.arange(len(x), device=x.device) % len(pool)]
+        y = translations_to(model, x, k, references)
+        hit, changed = predict(classifier, y) == k, labels != k
+        hits.append(hit)
+        changed_hits.append(hit[changed])
+        unchanged.append(unchanged_per_image(y[changed], x[changed]))
+        samples.append(y[:SAMPLE_IMAGES])
+    changed_hits, unchanged = torch.cat(changed_hits), torch.cat(unchanged)
+    scores = {"mode": "by reference" if by_reference else "by label",
+              "success": torch.cat(hits).float().mean().item(),
+              "success_changed": changed_hits.float().mean().item() if len(changed_hits) else None,
+              "unchanged_l1": unchanged.mean().item() if len(unchanged) else None}
+    return scores, torch.stack(samples, 1).flatten(0, 1), len(samples)
+
+
+def overlord_diversity(model, cfg, held_in, x, vgg):
+    """Mean pairwise distance among translations of each of the first held-out images by
+    DIVERSITY_REFERENCES references of one label, averaged over the target labels."""
+    n, scores = min(DIVERSITY_IMAGES, len(x)), []
+    for k in target_labels(cfg["n_labels"]):
+        pool = references_of(held_in, k)
+        r = min(DIVERSITY_REFERENCES, len(pool))
+        if r < 2:
+            continue
+        y = translations_to(model, x[:n].repeat_interleave(r, 0), k,
+                            pool[reference_indices(n, r, len(pool), x.device)])
+        scores.append(pairwise_diversity(y.view(n, r, *y.shape[1:]), vgg))
+    return mean_scores(scores) if scores else None
+
+
+def overlord_metrics(model, cfg, done, args, vgg):
+    """(metrics, notes, split sizes, sample tiles, tiles per row) of an OverLORD model."""
+    device = next(model.parameters()).device
+    dataset = overlord_dataset(cfg, args.data)
+    if dataset.data.n_labels != cfg["n_labels"]:
+        raise UserError(f"--data {args.data}: {dataset.data.n_labels} labels, the model has "
+                        f"{cfg['n_labels']}")
+    own_data = os.path.abspath(args.data or cfg["root"]) == os.path.abspath(cfg["root"])
+    held_in_ids, held_out_ids = held_out_split(len(dataset), args.metrics_images)
+    held_in = collate_items(dataset, held_in_ids, device)
+    held_out = collate_items(dataset, held_out_ids, device)
+    n_labels, amortized = cfg["n_labels"], "amortization" in done
+    notes = [f"held-out split: a fixed-seed {HELD_OUT_FRACTION:.0%} of the images (the prepared "
+             f"set has no test split); the model itself was trained on all of them"]
+    if not own_data:
+        notes.append("the per-image table holds codes of the training images only: stage-1 "
+                     "reconstruction and table leakage are left out on other data")
+    if not amortized:
+        notes.append(f"stages done: {', '.join(done) or 'none'}; amortised reconstruction, "
+                     f"leakage, transfer and diversity need the amortisation stage")
+
+    stage1 = own_data and "disentanglement" in done
+    metrics = {"reconstruction": {
+        "stage1": reconstruction_scores(held_out["img"], batched(
+            lambda b: table_reconstruction(model, b, cfg), held_out)) if stage1 else None,
+        "amortized": reconstruction_scores(held_out["img"], batched(
+            lambda t: amortized_reconstruction(model, t), held_out["img"])) if amortized
+        else None}}
+
+    # leakage: is the label readable from the uncorrelated codes?
+    table = model.uncorrelated_embedding.weight.detach()
+    metrics["leakage"] = {
+        "uncorrelated_table": leakage(table[held_in["index"]], held_in["label"],
+                                      table[held_out["index"]], held_out["label"], n_labels)
+        if stage1 else None,
+        "uncorrelated_amortized": leakage(
+            batched(model.uncorrelated_encoder, held_in["img"]), held_in["label"],
+            batched(model.uncorrelated_encoder, held_out["img"]), held_out["label"], n_labels)
+        if amortized else None}
+
+    # transfer and diversity
+    classifier, metrics["classifier"] = attribute_classifier(
+        held_in["img"], held_in["label"], held_out["img"], held_out["label"], n_labels)
+    metrics["transfer"], metrics["diversity"] = None, None
+    tiles, per_row = held_out["img"][:SAMPLE_IMAGES], SAMPLE_IMAGES
+    if amortized:
+        metrics["transfer"], tiles, per_row = overlord_transfer(model, cfg, held_in, held_out,
+                                                                classifier)
+        if cfg["correlation"]:
+            metrics["diversity"] = overlord_diversity(model, cfg, held_in, held_out["img"], vgg)
+        else:
+            notes.append("diversity is measured for correlated configs only: by label, or by "
+                         "reference without a correlated code, an image has one translation "
+                         "per label")
+    if n_labels > MAX_TARGET_LABELS:
+        notes.append(f"transfer: {MAX_TARGET_LABELS} of the {n_labels} labels (fixed seed)")
+    sizes = {"held_in": len(held_in_ids), "held_out": len(held_out_ids)}
+    return metrics, notes, sizes, tiles, per_row
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics: the report (table on stdout, metrics_eval.json, metrics_samples.png)
+
+BETTER = {"psnr": "higher", "mse": "lower", "linear": "lower, chance is best",
+          "mlp": "lower, chance is best", "accuracy": "higher", "success": "higher",
+          "success_changed": "higher", "unchanged_l1": "lower", "pixel_l1": "higher",
+          "vgg_l1": "higher"}
+
+
+def metric_rows(metrics, prefix=""):
+    """(dotted name, value) of every leaf of the nested metrics dict, in order."""
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            yield from metric_rows(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def metrics_table(report):
+    """The report as text: a header, one aligned row per metric with its better direction, notes."""
+    def shown(value):
+        return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else value
+
+    rows = [("metric", "value", "better")] + [
+        (name, shown(value), BETTER.get(name.rsplit(".", 1)[-1], ""))
+        for name, value in metric_rows(report["metrics"])]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(2)]
+    lines = [f"{report['method']} run {report['run']} ({report['trained']}) on {report['data']}",
+             "images: " + ", ".join(f"{k} {v}" for k, v in report["images"].items())]
+    lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c}".rstrip() for a, b, c in rows]
+    return "\n".join(lines + [f"note: {note}" for note in report["notes"]])
+
+
+def metrics_settings(args):
+    """The fixed budgets and rules behind the numbers, recorded with them."""
+    return {"metrics_images": args.metrics_images, "seed": METRICS_SEED,
+            "held_out_fraction": HELD_OUT_FRACTION, "probe_steps": PROBE_STEPS,
+            "probe_max_dims": PROBE_MAX_DIMS, "classifier_epochs": CLASSIFIER_EPOCHS,
+            "classifier_side": CLASSIFIER_SIDE, "changed_fraction": CHANGED_FRACTION,
+            "diversity_images": DIVERSITY_IMAGES, "diversity_references": DIVERSITY_REFERENCES,
+            "max_target_labels": MAX_TARGET_LABELS}
+
+
+def image_side(cfg):
+    """Side of the model's square images."""
+    return cfg["resize"] if cfg["method"] == "cd" else cfg["img_shape"][0]
+
+
+def evaluate_metrics(args, model, ckpt):
+    """--metrics: compute the method's metrics, print the table, write the JSON and samples."""
+    cfg, method = ckpt["config"], ckpt["config"]["method"]
+    if args.metrics_images < 2:
+        raise UserError("--metrics_images must be at least 2")
+    diversity = method == "cd" or (cfg["correlation"] and "amortization" in ckpt["done"])
+    vgg = load_vgg(cfg, args.vgg_weights) if diversity else None
+    notes = []
+    if diversity and vgg is None:
+        notes.append("no VGG16 weights (--vgg_weights PATH or the torch hub cache): "
+                     "diversity's vgg_l1 is unavailable")
+    elif diversity and image_side(cfg) < VGG_MIN_SIDE:
+        notes.append(f"images under {VGG_MIN_SIDE} px: diversity's vgg_l1 is unavailable")
+    if method == "cd":
+        images = cd_metric_images(args, cfg)
+        metrics, tiles, per_row = cd_metrics(model, images, vgg)
+        sizes = {split: len(v) for split, v in images.items()}
+        trained = f"iteration {ckpt['step']}"
+    else:
+        metrics, ol_notes, sizes, tiles, per_row = overlord_metrics(model, cfg, ckpt["done"],
+                                                                    args, vgg)
+        notes += ol_notes
+        trained = f"stages done: {', '.join(ckpt['done']) or 'none'}"
+    out = make_output_dir(args.out or run_folder(args.load))
+    report = {"method": method, "run": run_folder(args.load), "trained": trained,
+              "data": os.path.abspath(args.data or cfg["root"]), "images": sizes,
+              "settings": metrics_settings(args), "notes": notes, "metrics": metrics}
+    write_json(os.path.join(out, "metrics_eval.json"), report)
+    save_tiles(tiles, os.path.join(out, "metrics_samples.png"), nrow=per_row,
+               value_range=(0.0, 1.0))
+    print(metrics_table(report))
+    print(os.path.join(out, "metrics_eval.json"))
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss curves (--plot): RUN/metrics.jsonl drawn with OpenCV as RUN/loss_curves.png
+
+NOT_LOSSES = ("step", "epoch", "stage", "img_per_s", "s_per_iter")
+PANEL_SIZE = (420, 260)            # width and height of one panel, pixels
+PANEL_COLUMNS = 3
+PLOT_MARGINS = (64, 14, 28, 36)    # left, right, top, bottom
+LOG_SPAN = 100                     # log y axis when a panel's positive values span this factor
+BLACK, GREY, BLUE, RED = (0, 0, 0), (190, 190, 190), (31, 119, 180), (200, 40, 40)
+
+
+def read_metrics_log(run):
+    """The records of RUN/metrics.jsonl; UserError if it is missing, empty or not JSON lines."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"--plot: no {path} (training writes it as it goes)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise UserError(f"--plot: {path}:{number} is not a JSON line") from None
+    if not records:
+        raise UserError(f"--plot: {path} holds no records yet")
+    return records
+
+
+def loss_series(records):
+    """({loss: [segment, ...]}, [(x, stage), ...]), a segment being a list of (x, value). x is
+    the step; OverLORD's step restarts with each stage, so x adds the steps of the stages
+    before, and each stage (or a stage run again) starts a new segment at a boundary."""
+    series, boundaries, offset, last, stage = {}, [], 0, 0, None
+    for record in records:
+        if "stage" in record and (record["stage"] != stage or record["step"] <= last):
+            offset, last, stage = offset + last, 0, record["stage"]
+            boundaries.append((offset, stage))
+        last = record["step"]
+        for name, value in record.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if name in NOT_LOSSES or not number or not math.isfinite(value):
+                continue
+            segments = series.setdefault(name, {}).setdefault(len(boundaries), [])
+            segments.append((offset + record["step"], float(value)))
+    return {name: list(segments.values()) for name, segments in series.items()}, boundaries
+
+
+def y_axis(values):
+    """(value -> axis coordinate, lowest, highest coordinate, log?) for a panel's values."""
+    low, high = min(values), max(values)
+    log = low > 0 and high >= LOG_SPAN * low
+    scale = math.log10 if log else float
+    low, high = scale(low), scale(high)
+    pad = 0.05 * (high - low) or 0.5 * max(abs(high), 1e-3)
+    return scale, low - pad, high + pad, log
+
+
+def draw_panel(name, segments, boundaries, x_max):
+    """One loss's panel (RGB uint8): frame, ticks, stage boundaries and its curve segments."""
+    width, height = PANEL_SIZE
+    left, right, top, bottom = PLOT_MARGINS
+    img = np.full((height, width, 3), 255, np.uint8)
+    scale, low, high, log = y_axis([v for segment in segments for _, v in segment])
+    font, x_max = cv2.FONT_HERSHEY_SIMPLEX, max(x_max, 1)
+
+    def px(x):
+        return int(round(left + (width - left - right) * x / x_max))
+
+    def py(coordinate):
+        return int(round(top + (height - top - bottom) * (high - coordinate) / (high - low)))
+
+    def text(s, at, size=0.38, color=BLACK):
+        cv2.putText(img, s, at, font, size, color, 1, cv2.LINE_AA)
+
+    cv2.rectangle(img, (left, top), (width - right, height - bottom), BLACK, 1)
+    for coordinate in np.linspace(low, high, 6)[1:-1]:
+        y = py(coordinate)
+        cv2.line(img, (left - 4, y), (left, y), BLACK, 1)
+        text(f"{10 ** coordinate if log else coordinate:.3g}", (4, y + 4))
+    for x in (0, x_max // 2, x_max):
+        cv2.line(img, (px(x), height - bottom), (px(x), height - bottom + 4), BLACK, 1)
+        text(str(x), (px(x) - 4 * len(str(x)), height - bottom + 16))
+    text("global step" if boundaries else "step", (width - right - 80, height - 4))
+    ends = [x for x, _ in boundaries[1:]] + [x_max]
+    for (x, stage), end in zip(boundaries, ends):
+        if x > 0:
+            cv2.line(img, (px(x), top), (px(x), height - bottom), GREY, 1)
+        room = max(1, (px(end) - px(x) - 4) // 6)            # about 6 px per character
+        text(stage[:room], (px(x) + 3, top + 12), 0.33, RED)
+    for segment in segments:
+        points = np.array([(px(x), py(scale(v))) for x, v in segment], np.int32)
+        cv2.polylines(img, [points], False, BLUE, 1, cv2.LINE_AA)
+        if len(points) == 1:
+            cv2.circle(img, tuple(int(c) for c in points[0]), 2, BLUE, -1)
+    text(f"{name} (log y)" if log else name, (left, 18), 0.5)
+    return img
+
+
+def plot_losses(run, out=""):
+    """Draw RUN/metrics.jsonl as loss_curves.png (in `out`, default RUN): one panel per loss
+    over the step (OverLORD: the global step, stage boundaries marked). Returns its path."""
+    series, boundaries = loss_series(read_metrics_log(run))
+    if not series:
+        raise UserError(f"--plot: {os.path.join(run, 'metrics.jsonl')} holds no loss values")
+    x_max = max(x for segments in series.values() for segment in segments for x, _ in segment)
+    panels = [draw_panel(name, segments, boundaries, x_max) for name, segments in series.items()]
+    columns = min(PANEL_COLUMNS, len(panels))
+    panels += [np.full_like(panels[0], 255)] * (-len(panels) % columns)
+    rows = [np.hstack(panels[i:i + columns]) for i in range(0, len(panels), columns)]
+    path = os.path.join(make_output_dir(out or run), "loss_curves.png")
+    write_image(path, np.vstack(rows))
+    return path
+
+
 def main_overlord(args, device):
     model, ckpt = load_model(args.load, device, "overlord")
     cfg, done = ckpt["config"], ckpt["done"]
+    if args.metrics:
+        return evaluate_metrics(args, model, ckpt)
     if "amortization" not in done:
         raise UserError(f"--load {args.load}: finished stages {done or 'none'}; manipulation "
                         f"needs the amortisation stage (train on, then try again)")
@@ -287,6 +943,13 @@ def main_overlord(args, device):
 
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if (args.metrics or args.plot) and (args.img or args.pairs):
+        raise UserError("--metrics and --plot work on the run and its data: leave out --img "
+                        "and --pairs")
+    if args.plot:
+        print(plot_losses(run_folder(args.load), args.out))
+        if not args.metrics:
+            return
     device = pick_device(args.device)
     method = load_checkpoint(args.load)["config"].get("method")
     if args.method and args.method != method:
@@ -295,7 +958,9 @@ def main(argv=None):
         return main_overlord(args, device)
     model, ckpt = load_model(args.load, device)
     cfg, step = ckpt["config"], ckpt["step"]
-    if args.pairs:
+    if args.metrics:
+        evaluate_metrics(args, model, ckpt)
+    elif args.pairs:
         apply(model, cfg, read_pairs(args.pairs, args.remove), args.remove, args.bs, device)
     elif args.img:
         if not args.output:
