@@ -43,7 +43,8 @@ class ILN(nn.Module):
 
     def forward(self, x):
         # unbiased variances, as the original (torch.var's default)
-        x_in = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(x.var((2, 3), keepdim=True) + self.eps)
+        x_in = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(
+            x.var((2, 3), keepdim=True) + self.eps)
         x_ln = (x - x.mean((1, 2, 3), keepdim=True)) / torch.sqrt(
             x.var((1, 2, 3), keepdim=True) + self.eps)
         return (self.rho * x_in + (1 - self.rho) * x_ln) * self.gamma + self.beta
@@ -111,7 +112,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Residual blocks on the full code, n_up nearest-neighbour upsamplings, 7x7 conv to RGB, tanh."""
+    """Residual blocks on the code, n_up nearest-neighbour upsamplings, 7x7 conv to RGB, tanh."""
 
     def __init__(self, code_channels=512, n_up=4, n_res_blocks=3):
         super().__init__()
@@ -145,7 +146,7 @@ class CDConfig:
     resize: int = 256             # image side R
     sep: int = 128                # separate-code channels S
     n_tot_feats: int = 512        # code channels T = common (T - S) + separate (S)
-    n_blocks: int = 3             # encoder stride-2 blocks before the last; decoder upsamples n_blocks+1
+    n_blocks: int = 3             # encoder stride-2 blocks before the last; decoder: n_blocks+1 ups
     n_res_blocks: int = 3         # decoder residual blocks
     n_enc_res_blocks: int = 6     # residual blocks of each encoder
     e2_feats: int = 32            # separate encoder base width (kozistr's train.py used 512)
@@ -185,7 +186,7 @@ class CDConfig:
 
 
 class CDModel(nn.Module):
-    """Common encoder, separate encoder, decoder and latent discriminator, with the codes' algebra."""
+    """Common and separate encoders, decoder and latent discriminator, with the codes' algebra."""
 
     def __init__(self, cfg: CDConfig):
         super().__init__()
@@ -337,7 +338,7 @@ def fused_leaky_relu(x: torch.Tensor, bias: Optional[torch.Tensor] = None,
 
 
 class FusedLeakyReLU(nn.Module):
-    """Per-channel bias, then leaky ReLU (slope 0.2) scaled by √2 to keep the signal's variance."""
+    """Per-channel bias, then leaky ReLU (slope 0.2) scaled by √2 to keep the variance."""
 
     def __init__(self, channels: int, bias: bool = True):
         super().__init__()
@@ -802,7 +803,7 @@ class OverLORD(nn.Module):
         return torch.cat(codes, 1)  # (N, latent_dim)
 
     def table_codes(self, index, label, correlated_view=None):
-        """Stage-1 codes (uncorrelated, label, correlated) from the tables and correlated encoder."""
+        """Stage-1 codes (uncorrelated, label, correlated): tables and correlated encoder."""
         correlated = self.correlated_encoder(correlated_view) if self.correlated else None
         return self.uncorrelated_embedding(index), self.label_embedding(label), correlated
 

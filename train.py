@@ -49,7 +49,7 @@ ARCHITECTURE_KEYS = tuple(CDConfig.__dataclass_fields__) + ("crop",)
 
 
 def build_parser():
-    """Flags of kozistr's train.py (same names and defaults) plus device, seed, workers and fixes."""
+    """Flags of kozistr's train.py (same names and defaults), plus device, seed, workers, fixes."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -239,6 +239,14 @@ def cd_optimizers(model, cfg):
             adam(model.latent_disc.parameters(), cfg["d_lr"], betas, cfg["eps"]))
 
 
+def save_and_exit(save, main, message):
+    """After Ctrl-C or SIGTERM: save the clean checkpoint, say how to resume, exit 130."""
+    save()
+    if main:
+        print(message, file=sys.stderr)
+    sys.exit(130)
+
+
 def compile_model(model):
     """torch.compile each CD network in place (checkpoints stay loadable: the '_orig_mod.'
     prefix is stripped on load)."""
@@ -390,11 +398,8 @@ def main_cd(argv):
                 save()
     bar.close()
     if stop.requested:
-        save()
-        if main:
-            print(f"stopped: checkpoint of iteration {step} saved in {out}; resume with "
-                  f"--load {out}", file=sys.stderr)
-        sys.exit(130)
+        save_and_exit(save, main, f"stopped: checkpoint of iteration {step} saved in {out}; "
+                                  f"resume with --load {out}")
     if main:
         print(f"done: {step} iterations; grids, metrics.jsonl and checkpoint in {out}")
 
@@ -568,7 +573,8 @@ def resolve_overlord_config(argv):
     if args.perceptual:
         cfg["perceptual"]["kind"] = args.perceptual
     if cfg["correlation"] not in (None, "pose-invariant", "localized"):
-        raise UserError(f"correlation {cfg['correlation']!r}: use null, pose-invariant or localized")
+        raise UserError(f"correlation {cfg['correlation']!r}: use null, pose-invariant or "
+                        f"localized")
     if cfg["correlation"] and cfg["correlated_dim"] <= 0:
         raise UserError("a correlated config needs correlated_dim > 0")
     bs = cfg["synthesis"]["batch_size"]
@@ -826,11 +832,8 @@ def run_stage(stage, model, dataset, ctx, resume=None):
                 save()
     bar.close()
     if stop.requested:
-        save()
-        if main:
-            print(f"stopped in {stage} at batch {step}/{total}; resume with --load "
-                  f"{ctx['out']}", file=sys.stderr)
-        sys.exit(130)
+        save_and_exit(save, main, f"stopped in {stage} at batch {step}/{total}; resume with "
+                                  f"--load {ctx['out']}")
 
 
 def main_overlord(argv):

@@ -1,4 +1,4 @@
-"""Shared plumbing: user-facing errors, device choice, seeding, checkpoints, grids and metric logs."""
+"""Shared plumbing: user-facing errors, devices, seeds, checkpoints, grids, logs, processes."""
 import contextlib
 import json
 import os
