@@ -31,10 +31,10 @@ from data import (EndlessBatches, LabelledImages, domain_paths, endless_loader, 
 from models import (VGG16_WEIGHTS_FILE, CDConfig, L1Distance, VGGDistance, build_cd,
                     build_overlord, find_vgg_weights)
 from utils import (RunningMeans, StopRequest, UserError, append_jsonl, average_gradients,
-                   average_values, checkpoint_path, init_distributed, load_checkpoint,
-                   load_weights, main_process_first, make_output_dir, rng_state, run_cli,
-                   save_checkpoint, save_tiles, seed_everything, set_rng_state, strip_prefixes,
-                   write_json)
+                   average_values, checkpoint_path, close_distributed, init_distributed,
+                   load_checkpoint, load_weights, main_process_first, make_output_dir, rng_state,
+                   run_cli, save_checkpoint, save_tiles, seed_everything, set_rng_state,
+                   strip_prefixes, write_json)
 
 AE_CLIP_NORM = 5.0  # joint gradient-norm clip of both encoders and the decoder (as the seeds)
 
@@ -912,6 +912,7 @@ def main(argv=None):
     pre.add_argument("--method", choices=("cd", "overlord"), default="cd")
     known, rest = pre.parse_known_args(argv)
     (main_overlord if known.method == "overlord" else main_cd)(rest)
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -281,3 +281,12 @@ def main_process_first(rank):
     yield
     if distributed() and rank == 0:
         dist.barrier()
+
+
+def close_distributed():
+    """End a process group cleanly: wait until every process (rank 0 writing its checkpoint
+    too) is done, then tear it down, so no process exits with live communication threads."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
