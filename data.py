@@ -241,9 +241,9 @@ def domain_paths(root, image_root="", splits=SPLITS):
     return paths
 
 
-def preprocess(rgb, crop, resize):
-    """The CD transform without the flip: center crop, resize, [-1, 1] tensor."""
-    return to_tensor(resize_square(center_crop(rgb, crop), resize))
+def preprocess(rgb, crop, resize, signed=True):
+    """Center crop (0 = largest square), resize, tensor in [-1, 1] (CD) or [0, 1] (OverLORD)."""
+    return to_tensor(resize_square(center_crop(rgb, crop), resize), signed)
 
 
 def _inspect(path, crop, resize=0):

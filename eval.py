@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import (ImageFiles, LabelledImages, center_crop, check_images, domain_paths,
-                  load_prepared, preprocess, read_image, resize_square, write_image)
+from data import (ImageFiles, LabelledImages, check_images, domain_paths, load_prepared,
+                  preprocess, read_image, write_image)
 from models import VGGDistance, build_cd, build_overlord, find_vgg_weights
 from train import (GRID_IMAGES, collate_items, save_transfer_grid, translation_tiles,
                    view_for_correlated)
@@ -157,15 +157,16 @@ def evaluate_on_data(args, model, cfg, step):
 # ------------------------------------------------------------------------------------------------
 # Apply to the user's own images
 
-def load_input(path, cfg, what):
-    """One image file as a model input tensor (1, 3, R, R), with clear errors."""
+def load_input(path, crop, side, what, signed=True):
+    """One image file as a model input (1, 3, side, side): cropped (0 = central square), resized,
+    in [-1, 1] (CD) or [0, 1] (OverLORD); clear errors for missing or too-small files."""
     img = read_image(path)
     if img is None:
         raise UserError(f"{what} {path!r}: missing or not a decodable image")
-    if cfg["crop"] and min(img.shape[:2]) < cfg["crop"]:
+    if crop and min(img.shape[:2]) < crop:
         raise UserError(f"{what} {path!r} is {img.shape[1]}x{img.shape[0]}, smaller than the "
-                        f"model's crop of {cfg['crop']} px")
-    return preprocess(img, cfg["crop"], cfg["resize"])[None]
+                        f"model's crop of {crop} px")
+    return preprocess(img, crop, side, signed)[None]
 
 
 def to_uint8(x, low=-1.0):
@@ -198,11 +199,12 @@ def apply(model, cfg, jobs, remove, bs, device):
     """Transfer (or remove) the attribute for every (img, reference, output) job, in batches."""
     for start in range(0, len(jobs), bs):
         chunk = jobs[start:start + bs]
-        x = torch.cat([load_input(img, cfg, "image") for img, _, _ in chunk]).to(device)
+        load = lambda path, what: load_input(path, cfg["crop"], cfg["resize"], what)  # noqa: E731
+        x = torch.cat([load(img, "image") for img, _, _ in chunk]).to(device)
         if remove:
             y = model.remove(x)
         else:
-            ref = torch.cat([load_input(r, cfg, "reference") for _, r, _ in chunk]).to(device)
+            ref = torch.cat([load(r, "reference") for _, r, _ in chunk]).to(device)
             y = model.transfer(x, ref)
         for (_, _, output), image in zip(chunk, y):
             folder = os.path.dirname(os.path.abspath(output))
@@ -213,15 +215,6 @@ def apply(model, cfg, jobs, remove, bs, device):
 
 # ------------------------------------------------------------------------------------------------
 # OverLORD: manipulation by label or by reference, translation grids
-
-def overlord_input(path, size, what):
-    """An image file as a (1, 3, S, S) tensor in [0, 1]: RGB, central square, resized to S."""
-    img = read_image(path)
-    if img is None:
-        raise UserError(f"{what} {path!r}: missing or not a decodable image")
-    img = resize_square(center_crop(img, 0), size)
-    return torch.from_numpy(img.transpose(2, 0, 1).copy()).float()[None] / 255
-
 
 @torch.no_grad()
 def translate_to_labels(model, x, labels):
@@ -259,12 +252,14 @@ def manipulate(model, cfg, jobs, bs, device):
         group = [job for job in jobs if (not job[1]) == by_label]
         for start in range(0, len(group), bs):
             chunk = group[start:start + bs]
-            x = torch.cat([overlord_input(img, size, "image") for img, _, _ in chunk]).to(device)
+            x = torch.cat([load_input(img, 0, size, "image", signed=False)
+                           for img, _, _ in chunk]).to(device)
             if by_label:
                 rows = translate_to_every_label(model, x)                  # (N, K+1, 3, S, S)
                 images = [torch.cat(list(row), 2) for row in rows]          # side by side
             else:
-                ref = torch.cat([overlord_input(r, size, "reference") for _, r, _ in chunk])
+                ref = torch.cat([load_input(r, 0, size, "reference", signed=False)
+                                 for _, r, _ in chunk])
                 images = translate_by_reference(model, x, ref.to(device))
             for (_, _, output), image in zip(chunk, images):
                 make_output_dir(os.path.dirname(os.path.abspath(output)), "output")

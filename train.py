@@ -766,7 +766,7 @@ def numpy_rng_from_state(state):
 
 def run_stage(stage, model, dataset, ctx, resume=None):
     """Train one stage for its epochs; writes metrics, grids and a checkpoint every epoch."""
-    cfg, scfg = ctx["cfg"], ctx["cfg"][stage]
+    scfg = ctx["cfg"][stage]
     bs, drop_last = scfg["batch_size"], stage != "disentanglement"
     if len(dataset) < bs and drop_last:
         raise UserError(f"{stage}.batch_size {bs} is larger than the {len(dataset)} images")

@@ -375,9 +375,8 @@ def test_eval_every_label_side_by_side(full_run, image_files, tmp_path):
     assert img.shape == (SIZE, (N_LABELS + 1) * SIZE, 3)
     assert np.array_equal(img[:, :SIZE], read_image(image_files[0]))  # the input comes first
     # the other columns are G([E_u(x), L[k]]) for k = 0..K-1
-    model, loaded = ol_eval.load_model(run, torch.device("cpu"), "overlord")
-    cfg = loaded["config"]
-    x = ol_eval.overlord_input(image_files[0], SIZE, "image")
+    model, _ = ol_eval.load_model(run, torch.device("cpu"), "overlord")
+    x = ol_eval.load_input(image_files[0], 0, SIZE, "image", signed=False)
     rows = ol_eval.translate_to_every_label(model, x)
     assert rows.shape == (1, N_LABELS + 1, 3, SIZE, SIZE)
     expected = torch.cat(list(rows[0]), 2)
@@ -393,7 +392,7 @@ def test_eval_by_reference_and_pairs(full_run, image_files, tmp_path):
     img = read_image(out)
     assert img.shape == (SIZE, SIZE, 3)
     model, _ = ol_eval.load_model(run, torch.device("cpu"), "overlord")
-    load = lambda p: ol_eval.overlord_input(p, SIZE, "image")  # noqa: E731
+    load = lambda p: ol_eval.load_input(p, 0, SIZE, "image", signed=False)  # noqa: E731
     expected = ol_eval.translate_by_reference(model, load(face0), load(face1))[0]
     assert np.abs(ol_eval.to_uint8(expected, low=0.0).astype(int) - img.astype(int)).max() <= 1
     # pairs: relative paths from the CSV's folder, a header, an empty reference = every label,
