@@ -176,6 +176,13 @@ def discriminator_loss(model, common, n):
     return adversarial_loss(logits[:n], 1) + adversarial_loss(logits[n:], 0)
 
 
+def to_floats(losses):
+    """{name: float} of a step's scalar losses in one device transfer (one GPU sync, not one
+    per loss)."""
+    values = torch.stack([v.detach().float() for v in losses.values()]).tolist()
+    return dict(zip(losses, values))
+
+
 def optimise(optimizer, loss, clip=0.0, scaler=None):
     """Backward, gradients averaged over processes, optional norm clip, step; through the
     float16 grad scaler if given."""
@@ -224,7 +231,7 @@ def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None):
     if scaler is not None:
         scaler.update()
     model.clamp_rho()
-    return {name: value.item() for name, value in losses.items()}
+    return to_floats(losses)
 
 
 def adam(params, lr, betas=(0.9, 0.999), eps=1e-8):
@@ -809,7 +816,7 @@ def run_stage(stage, model, dataset, ctx, resume=None):
                 if stop.requested:
                     break
                 raise
-            losses = {k: v.item() for k, v in step_fn(model, batch, ctx).items()}
+            losses = to_floats(step_fn(model, batch, ctx))
             for scheduler in schedulers.values():
                 scheduler.step()
             step += 1
