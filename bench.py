@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from models import CDConfig, L1Distance, VGGDistance, build_cd, build_overlord, find_vgg_weights
+from models import (ILN, CDConfig, L1Distance, UpSampleBlock, VGGDistance, build_cd,
+                    build_overlord, find_vgg_weights)
 from utils import UserError, pick_device, run_cli, write_json
 
 SEED_E2_FEATS = 512  # kozistr's train.py built the separate encoder this wide (SPEC A8 bug 1)
@@ -154,12 +155,39 @@ def cd_config(args):
     return cfg
 
 
+def seed_iln(norm, x):
+    """ILN as the seeds compute it: two normalised copies of x, blended by rho."""
+    inst = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(x.var((2, 3), keepdim=True) + norm.eps)
+    layer = (x - x.mean((1, 2, 3), keepdim=True)) / torch.sqrt(x.var((1, 2, 3), keepdim=True)
+                                                               + norm.eps)
+    return (norm.rho * inst + (1 - norm.rho) * layer) * norm.gamma + norm.beta
+
+
+def seed_upsample_block(block, x):
+    """UpSampleBlock as the seeds compute it: upsample, pad, then the 3x3 conv at full size."""
+    upsample, pad, conv, norm, act = block.body
+    return act(norm(conv(pad(upsample(x)))))
+
+
+def use_seed_arithmetic(model):
+    """Swap the folded ILN and upsampling conv of `model` for the seeds' direct forms (same
+    function and weights, more work), so that the reference row times the seed's arithmetic."""
+    for m in model.modules():
+        if isinstance(m, ILN):
+            m.forward = functools.partial(seed_iln, m)
+        elif isinstance(m, UpSampleBlock):
+            m.forward = functools.partial(seed_upsample_block, m)
+    return model
+
+
 def cd_setup(cfg, device, seed_faithful=False):
-    """A seeded CD model, optimisers as train.py's main_cd (the seed's plain Adam when
-    `seed_faithful`), random A and B batches in [-1, 1]."""
+    """A seeded CD model, optimisers as train.py's main_cd (the seed's layer arithmetic and
+    plain Adam when `seed_faithful`), random A and B batches in [-1, 1]."""
     torch.manual_seed(0)
     with torch.device(device):
         model = build_cd(cfg).train()
+        if seed_faithful:
+            use_seed_arithmetic(model)
         x_a, x_b = [torch.rand(cfg["bs"], 3, cfg["resize"], cfg["resize"]) * 2 - 1 for _ in "ab"]
     if cfg["channels_last"]:  # before the optimisers see the parameters
         model = model.to(memory_format=torch.channels_last)
@@ -182,7 +210,8 @@ def compile_cd(model):
 
 
 def reference_step(model, x_a, x_b, ae_opt, d_opt, cfg):
-    """kozistr's iteration as written (SPEC A5), in fp32; returns the losses."""
+    """kozistr's iteration as written (SPEC A5), in fp32; returns the losses. Give it a model
+    from cd_setup(..., seed_faithful=True) for the seed's layer arithmetic too."""
     # one call per encoder, decoder and D use; D is not frozen; the D step recomputes the codes
     # with gradients and is not clipped (the seed's clip never ran)
     common_a, separate_a = model.common_encoder(x_a), model.separate_encoder(x_a)

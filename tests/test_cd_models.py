@@ -1,8 +1,10 @@
 """The CD networks: sizes, parameter counts, the codes' algebra and the training step."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models import ILN, CDConfig, build_cd
+from bench import seed_iln, seed_upsample_block
+from models import ILN, CDConfig, UpSampleBlock, build_cd, upsample_conv3x3
 from train import autoencoder_losses, train_step
 from utils import UserError
 
@@ -80,6 +82,45 @@ def test_iln_blends_instance_and_layer_statistics():
     norm.rho.data.fill_(1.0)
     inst = (x - x.mean((2, 3), keepdim=True)) / (x.var((2, 3), keepdim=True) + 1.1e-5).sqrt()
     assert torch.allclose(norm(x), inst, atol=1e-5)
+
+
+
+def test_folded_iln_has_the_original_values_and_gradients():
+    torch.manual_seed(0)
+    norm = ILN(6)
+    with torch.no_grad():
+        norm.rho.uniform_(0, 1), norm.gamma.normal_(1, 0.3), norm.beta.normal_(0, 0.3)
+    x = (torch.randn(3, 6, 7, 5) * 4 + 2).requires_grad_()
+    params = [x, norm.rho, norm.gamma, norm.beta]
+    weights = torch.randn(3, 6, 7, 5)
+    ours, original = norm(x), seed_iln(norm, x)
+    assert torch.allclose(ours, original, atol=1e-5)
+    for g_ours, g_original in zip(torch.autograd.grad((ours * weights).sum(), params),
+                                  torch.autograd.grad((original * weights).sum(), params)):
+        assert torch.allclose(g_ours, g_original, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("h, w", [(8, 8), (9, 12), (1, 3)])
+def test_folded_upsample_conv_equals_upsample_then_conv(h, w):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, h, w, requires_grad=True)
+    weight = torch.randn(4, 8, 3, 3, requires_grad=True)
+    direct = F.conv2d(F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (1, 1, 1, 1),
+                            mode="reflect"), weight)
+    folded = upsample_conv3x3(x, weight)
+    assert folded.shape == direct.shape == (2, 4, 2 * h, 2 * w)
+    assert torch.allclose(folded, direct, atol=1e-4)
+    g = torch.randn_like(direct)
+    for a, b in zip(torch.autograd.grad(folded, [x, weight], g),
+                    torch.autograd.grad(direct, [x, weight], g)):
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)
+
+
+def test_upsample_block_gives_the_seeds_image():
+    torch.manual_seed(0)
+    block = UpSampleBlock(16)
+    x = torch.randn(2, 16, 8, 8)  # big enough for the folded path
+    assert torch.allclose(block(x), seed_upsample_block(block, x), atol=1e-5)
 
 
 def make_optimisers(model):
