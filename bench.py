@@ -1,30 +1,35 @@
-"""Time the training steps of both methods on random in-memory batches (no data loading).
+"""Time the training steps of both methods on random in-memory batches, or CD end to end on a
+dataset folder (--data: loading included).
 
-Each row: images/s and seconds per iteration (median after warm-up), model FLOPs of one step
-(forward + backward, counted once with FlopCounterMode), the FLOP/s achieved as a share of this
-machine's fp32 3x3-convolution peak, and peak memory.
+Each row: images/s and seconds per iteration (median after warm-up; the mean for --data), model
+FLOPs of one step (forward + backward, counted once with FlopCounterMode), the FLOP/s achieved as
+a share of this machine's fp32 3x3-convolution peak, and peak memory.
     OMP_NUM_THREADS=2 python bench.py --device cpu --resize 32 --bs 4 --iters 5    # CPU, all
     python bench.py --method cd --resize 256 --bs 4 --reference     # GPU: ours vs the seed's loop
     python bench.py --method cd --resize 256 --bs 4 --reference --e2_feats 512  # seed's wide E2
     python bench.py --method cd --amp bf16 --channels_last --compile --json cd.json
+    python bench.py --method cd --data ./bald --resize 64 --bs 8 --iters 200 --reference
     python bench.py --method overlord --overlord_config ffhq --resize 256 --bs 16
---amp, --channels_last, --compile and --d_codes apply to the CD step only.
+--amp, --channels_last, --compile, --d_codes and --data apply to the CD step only.
 """
 import argparse
 import contextlib
 import functools
 import json
 import platform
+import random
 import resource
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import train
 from models import (ILN, CDConfig, L1Distance, UpSampleBlock, VGGDistance, build_cd,
                     build_overlord, find_vgg_weights)
@@ -50,6 +55,10 @@ def build_parser():
     a("--e2_feats", type=int, default=CDConfig.e2_feats,
       help=f"CD separate-encoder base width ({SEED_E2_FEATS} = the seed's train.py)")
     a("--cd_flags", default="", help="more train.py CD flags, e.g. '--sep 64 --n_blocks 2'")
+    a("--data", default="", metavar="ROOT",
+      help="CD end to end: time --iters iterations of train.py's data pipeline and step on this "
+      "dataset (a train.py --root), data loading included; with --reference also the seeds' "
+      "pipeline (every image decoded in every epoch, new loaders each epoch, their loop)")
     a("--d_codes", choices=("reuse", "recompute"), default="reuse",
       help="CD discriminator step: reuse the autoencoder step's detached common codes, or "
       "recompute them (the seed)")
@@ -136,6 +145,19 @@ def measure(name, step, n_images, flops, device, args, peak):
         step()
     # synchronising after each step stands in for the loops' per-step loss.item()
     s = statistics.median(seconds(step, device) for _ in range(args.iters))
+    return make_row(name, s, n_images, flops, device, peak)
+
+
+def measure_mean(name, step, n_images, flops, device, args, peak):
+    """As measure, but the mean over one run of --iters steps: a loader's stalls count in full."""
+    for _ in range(args.warmup):
+        step()
+    s = seconds(lambda: [step() for _ in range(args.iters)], device) / args.iters
+    return make_row(name, s, n_images, flops, device, peak)
+
+
+def make_row(name, s, n_images, flops, device, peak):
+    """A table row from seconds per step."""
     memory, memory_kind = peak_memory(device)
     return {"name": name, "images_per_s": n_images / s, "s_per_iter": s,
             "flops_per_iter": flops, "flops_per_s": flops / s, "peak_pct": 100 * flops / s / peak,
@@ -252,10 +274,14 @@ def cd_row(cfg, device, args, peak):
     flops = count_flops(lambda: train.train_step(model, x_a, x_b, ae_opt, d_opt, eager, **scaler))
     if cfg["compile"]:
         model = compile_cd(model)
-    flags = [cfg["d_codes"], "fp32" if cfg["amp"] == "off" else cfg["amp"]]
-    flags += [key for key in ("channels_last", "compile") if cfg[key]]
     step = functools.partial(train.train_step, model, x_a, x_b, ae_opt, d_opt, cfg, **scaler)
-    return measure(f"cd ({' '.join(flags)})", step, 2 * cfg["bs"], flops, device, args, peak)
+    return measure(f"cd ({step_options(cfg)})", step, 2 * cfg["bs"], flops, device, args, peak)
+
+
+def step_options(cfg):
+    """The CD step's options, for a row's name."""
+    flags = [cfg["d_codes"], "fp32" if cfg["amp"] == "off" else cfg["amp"]]
+    return " ".join(flags + [key for key in ("channels_last", "compile") if cfg[key]])
 
 
 def reference_row(cfg, device, args, peak):
@@ -271,6 +297,8 @@ def reference_row(cfg, device, args, peak):
 def bench_cd(args, device, peak):
     """Rows of our CD step (and the seed's loop), plus the seed loop's FLOPs at each E2 width."""
     cfg = cd_config(args)
+    if args.data:
+        return end_to_end_rows(cfg, device, args, peak)
     rows, extra = [cd_row(cfg, device, args, peak)], {}
     if args.reference:
         seed_cfg = dict(cfg, amp="off", channels_last=False, compile=False)
@@ -278,6 +306,74 @@ def bench_cd(args, device, peak):
         extra["reference_flops"] = {str(w): reference_flops(dict(seed_cfg, e2_feats=w))
                                     for w in widths}
         rows.append(reference_row(seed_cfg, device, args, peak))
+        extra["ratio"] = rows[0]["images_per_s"] / rows[1]["images_per_s"]
+    return rows, extra
+
+
+# ------------------------------------------------------------------------------------------------
+# CD end to end: data loading included
+
+class SeedImages:
+    """The seeds' dataset: every access decodes, crops and resizes the file, flipped at random
+    by the worker (as their RandomHorizontalFlip)."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        return self.files[(index, random.random() < 0.5)]
+
+
+def seed_batches(files, cfg):
+    """The seeds' loader, forever: a new shuffled DataLoader, with new workers, every epoch."""
+    from torch.utils.data import DataLoader
+    while True:
+        yield from DataLoader(SeedImages(files), cfg["bs"], shuffle=True, drop_last=True,
+                              num_workers=cfg["n_threads"])
+
+
+def loop_step(step, loaders, device):
+    """step(x_a, x_b) on the next batch of each loader, as a training loop runs it."""
+    x_a, x_b = (next(batches).to(device) for batches in loaders)
+    return step(x_a, x_b)
+
+
+def end_to_end_rows(cfg, device, args, peak):
+    """Rows of train.py's pipeline (checked images, uint8 cache, one persistent loader per
+    domain) and, with --reference, of the seeds' pipeline, on the images under --data."""
+    timed, extra = functools.partial(measure_mean, device=device, args=args, peak=peak), {}
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        sets = train.load_domains(dict(cfg, root=args.data, out=out))
+        extra["notes"] = [f"end to end: mean of {args.iters} iterations after {args.warmup}, data "
+                          f"loading included; train.py's start (image check and cache) took "
+                          f"{time.perf_counter() - start:.1f} s, not included"]
+        model, _, _, ae_opt, d_opt = cd_setup(cfg, device)
+        loaders = [data.endless_loader(sets[s], cfg["bs"], i, 0, cfg["n_threads"])
+                   for i, s in enumerate(("trainA", "trainB"))]
+        scaler = {"scaler": torch.amp.GradScaler(device.type)} if cfg["amp"] == "fp16" else {}
+        step = functools.partial(loop_step, functools.partial(
+            train.train_step, model, ae_opt=ae_opt, d_opt=d_opt, cfg=cfg, **scaler), loaders,
+            device)
+        flops = count_flops(step)
+        if cfg["compile"]:
+            compile_cd(model)
+        rows = [timed(f"cd end to end (train.py, {step_options(cfg)})", step, 2 * cfg["bs"],
+                      flops)]
+        del loaders  # ends their workers before the cache goes
+    if args.reference:
+        seed_cfg = dict(cfg, amp="off", channels_last=False, compile=False)
+        model, _, _, ae_opt, d_opt = cd_setup(seed_cfg, device, seed_faithful=True)
+        paths = data.domain_paths(args.data, cfg["image_root"])
+        loaders = [seed_batches(data.ImageFiles(paths[s], cfg["crop"], cfg["resize"]), cfg)
+                   for s in ("trainA", "trainB")]
+        step = functools.partial(loop_step, functools.partial(
+            reference_step, model, ae_opt=ae_opt, d_opt=d_opt, cfg=seed_cfg), loaders, device)
+        rows.append(timed("cd end to end (seeds' pipeline)", step, 2 * cfg["bs"],
+                          count_flops(step)))
         extra["ratio"] = rows[0]["images_per_s"] / rows[1]["images_per_s"]
     return rows, extra
 

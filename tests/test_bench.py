@@ -80,6 +80,30 @@ def test_seed_loop_step_has_train_steps_losses():
     assert seed["disc"].item() == pytest.approx(ours["disc"], rel=1e-3)
 
 
+
+def test_end_to_end_rows_run_both_pipelines_on_a_folder(two_domains, tmp_path):
+    # 6 images per domain at batch 4: the seeds' loader starts a new epoch every step
+    path, flags = tmp_path / "e2e.json", TINY[TINY.index("--cd_flags") + 1]
+    bench.main([*TINY, "--method", "cd", "--data", two_domains, "--iters", "3", "--reference",
+                "--cd_flags", f"{flags} --crop 0 --n_threads 1 --num_display 2", "--json", str(path)])
+    report = json.loads(path.read_text())
+    ours, seed = report["rows"]
+    assert ours["name"] == "cd end to end (train.py, reuse fp32)"
+    assert seed["name"] == "cd end to end (seeds' pipeline)"
+    assert all(row["images_per_s"] > 0 and row["flops_per_iter"] > 0 for row in (ours, seed))
+    assert seed["flops_per_iter"] > ours["flops_per_iter"]
+    assert report["ratio"] == pytest.approx(ours["images_per_s"] / seed["images_per_s"])
+    assert any("data loading included" in note for note in report["notes"])
+
+
+def test_seed_images_flip_at_random(two_domains):
+    files = bench.data.ImageFiles(bench.data.domain_paths(two_domains)["trainA"], 0, 16)
+    seed_images = bench.SeedImages(files)
+    plain, mirrored = files[(0, False)], files[(0, True)]
+    draws = [seed_images[0] for _ in range(40)]
+    assert all(torch.equal(img, plain) or torch.equal(img, mirrored) for img in draws)
+    assert {torch.equal(img, plain) for img in draws} == {True, False}
+
 def test_conv_peak_is_positive():
     flops, shape = bench.conv_peak_flops(torch.device("cpu"), channels=8, side=8, target_s=1e-4)
     assert flops > 0 and shape[0] >= 1 and shape[1:] == [8, 8, 8]
