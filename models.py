@@ -92,6 +92,13 @@ def fold_taps(weight, dim):
     return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
 
 
+def replicate_pad1(x):
+    """x with its outer rows and columns repeated once: F.pad's 'replicate' by 1, written with
+    cat because that pad's backward trips torch.compile (strides of its fake kernel)."""
+    x = torch.cat([x[:, :, :1], x, x[:, :, -1:]], 2)
+    return torch.cat([x[..., :1], x, x[..., -1:]], 3)
+
+
 def upsample_conv3x3(x, weight):
     """conv3x3(reflect_pad1(nearest_x2(x)), weight), computed at x's resolution.
 
@@ -101,7 +108,7 @@ def upsample_conv3x3(x, weight):
     n, _, h, w = x.shape
     out_channels = weight.shape[0]
     kernels = [k for rows in fold_taps(weight, 2) for k in fold_taps(rows, 3)]
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), torch.cat(kernels))
+    y = F.conv2d(replicate_pad1(x), torch.cat(kernels))
     y = y.unflatten(1, (2, 2, out_channels))  # (N, row phase, column phase, O, h+1, w+1)
     rows = [torch.stack([y[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)], -1) for a in (0, 1)]
     return torch.stack(rows, 3).reshape(n, out_channels, 2 * h, 2 * w)
