@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
@@ -70,6 +71,9 @@ def build_parser():
     a("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
       help="override an OverLORD config field, as train.py --set (repeatable)")
     a("--n_imgs", type=int, default=1000, help="OverLORD per-image code table size")
+    a("--breakdown", action="store_true",
+      help="also profile each step: the convolutions' share of its time and their FLOP/s "
+      "against the peak, forward and backward apart")
     a("--json", default="", help="also write the report as JSON to this path")
     return p
 
@@ -139,21 +143,45 @@ def peak_memory(device):
     return rss * (1 if sys.platform == "darwin" else 1024), "process peak RSS"
 
 
-def measure(name, step, n_images, flops, device, args, peak):
-    """Time `step` (median of --iters after --warmup) and make its table row."""
+def measure(name, step, n_images, flops, device, args, peak, mean=False):
+    """Time `step` after --warmup, the median of --iters steps (or with `mean` the mean over one
+    run of --iters, so that a data loader's stalls count in full), and make its table row."""
     for _ in range(args.warmup):
         step()
-    # synchronising after each step stands in for the loops' per-step loss.item()
-    s = statistics.median(seconds(step, device) for _ in range(args.iters))
-    return make_row(name, s, n_images, flops, device, peak)
+    if mean:
+        s = seconds(lambda: [step() for _ in range(args.iters)], device) / args.iters
+    else:  # synchronising after each step stands in for the loops' per-step loss.item()
+        s = statistics.median(seconds(step, device) for _ in range(args.iters))
+    row = make_row(name, s, n_images, flops, device, peak)
+    if args.breakdown:
+        row["convolutions"] = conv_breakdown(step, s, device, peak)
+    return row
 
 
-def measure_mean(name, step, n_images, flops, device, args, peak):
-    """As measure, but the mean over one run of --iters steps: a loader's stalls count in full."""
-    for _ in range(args.warmup):
+def conv_breakdown(step, s, device, peak, n=3):
+    """The convolutions' share of a step's `s` seconds and their FLOP/s against `peak`, forward
+    and backward apart: from the FLOP counter and the profiler over `n` steps."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = TotalsOnly()
+    with counter:
         step()
-    s = seconds(lambda: [step() for _ in range(args.iters)], device) / args.iters
-    return make_row(name, s, n_images, flops, device, peak)
+    flops = counter.get_flop_counts()["Global"]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        sync(device)
+    # CPU total of the op and what it calls; on a GPU, the kernels it launched
+    times = {e.key: (e.device_time_total if device.type == "cuda" else e.cpu_time_total) / 1e6 / n
+             for e in prof.key_averages()}
+    parts = {"forward": ("aten::convolution", torch.ops.aten.convolution),
+             "backward": ("aten::convolution_backward", torch.ops.aten.convolution_backward)}
+    report = {}
+    for part, (key, op) in parts.items():
+        t = times.get(key, 0.0)
+        report[part] = {"s_per_iter": t, "share_of_step": t / s,
+                        "peak_pct": 100 * flops.get(op, 0) / t / peak if t else 0.0}
+    return report
 
 
 def make_row(name, s, n_images, flops, device, peak):
@@ -344,7 +372,8 @@ def loop_step(step, loaders, device):
 def end_to_end_rows(cfg, device, args, peak):
     """Rows of train.py's pipeline (checked images, uint8 cache, one persistent loader per
     domain) and, with --reference, of the seeds' pipeline, on the images under --data."""
-    timed, extra = functools.partial(measure_mean, device=device, args=args, peak=peak), {}
+    timed = functools.partial(measure, device=device, args=args, peak=peak, mean=True)
+    extra = {}
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         sets = train.load_domains(dict(cfg, root=args.data, out=out))
@@ -478,6 +507,12 @@ def print_report(report):
         print(f"{r['name']:<42}{r['images_per_s']:9.1f}{r['s_per_iter']:9.4f}"
               f"{r['flops_per_iter'] / 1e9:12.2f}{r['flops_per_s'] / 1e9:10.1f}"
               f"{r['peak_pct']:8.1f}{r['peak_memory_bytes'] / 2**20:10.0f}")
+    for r in report["rows"]:
+        if "convolutions" in r:
+            fwd, bwd = r["convolutions"]["forward"], r["convolutions"]["backward"]
+            print(f"{r['name']}: convolutions take {100 * fwd['share_of_step']:.0f}% (forward) + "
+                  f"{100 * bwd['share_of_step']:.0f}% (backward) of the step, at "
+                  f"{fwd['peak_pct']:.0f}% and {bwd['peak_pct']:.0f}% of the peak")
     for width, flops in report.get("reference_flops", {}).items():
         print(f"seed loop FLOPs at e2_feats {width}: {flops / 1e9:.2f} GFLOP per iteration")
     if "ratio" in report:

@@ -104,6 +104,14 @@ def test_seed_images_flip_at_random(two_domains):
     assert all(torch.equal(img, plain) or torch.equal(img, mirrored) for img in draws)
     assert {torch.equal(img, plain) for img in draws} == {True, False}
 
+
+def test_breakdown_times_the_convolutions_forward_and_backward():
+    report = bench.run_bench(parse("--method", "cd", "--breakdown"))
+    convolutions = report["rows"][0]["convolutions"]
+    for part in ("forward", "backward"):
+        assert convolutions[part]["s_per_iter"] > 0 and convolutions[part]["share_of_step"] > 0
+        assert convolutions[part]["peak_pct"] > 0
+
 def test_conv_peak_is_positive():
     flops, shape = bench.conv_peak_flops(torch.device("cpu"), channels=8, side=8, target_s=1e-4)
     assert flops > 0 and shape[0] >= 1 and shape[1:] == [8, 8, 8]
