@@ -497,7 +497,8 @@ def print_report(report):
     """The report as a table with notes."""
     s = report["settings"]
     print(f"{report['device']}, torch {report['torch']}; {s['resize']} px, batch {s['bs']} "
-          f"(CD: per domain); median of {s['iters']} after {s['warmup']} warm-up")
+          f"(CD: per domain); {'mean' if s['data'] else 'median'} of {s['iters']} after "
+          f"{s['warmup']} warm-up")
     n, c, h, _ = report["conv_peak_shape"]
     print(f"fp32 conv peak (3x3, {c}->{c} channels, {h}x{h}, batch {n}): "
           f"{report['conv_peak_flops'] / 1e9:.1f} GFLOP/s")
