@@ -120,13 +120,18 @@ class TotalsOnly(contextlib.nullcontext):
     parents = ("Global",)
 
 
-def count_flops(step):
-    """Model FLOPs of one step() call, forward and backward (matmuls and convolutions)."""
+def flops_by_op(step):
+    """{aten op: FLOPs} of one step() call, forward and backward (matmuls and convolutions)."""
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = TotalsOnly()
     with counter:
         step()
-    return counter.get_total_flops()
+    return counter.get_flop_counts()["Global"]
+
+
+def count_flops(step):
+    """Model FLOPs of one step() call, forward and backward."""
+    return sum(flops_by_op(step).values())
 
 
 def reset_peak_memory(device):
@@ -161,11 +166,7 @@ def measure(name, step, n_images, flops, device, args, peak, mean=False):
 def conv_breakdown(step, s, device, peak, n=3):
     """The convolutions' share of a step's `s` seconds and their FLOP/s against `peak`, forward
     and backward apart: from the FLOP counter and the profiler over `n` steps."""
-    counter = FlopCounterMode(display=False)
-    counter.mod_tracker = TotalsOnly()
-    with counter:
-        step()
-    flops = counter.get_flop_counts()["Global"]
+    flops = flops_by_op(step)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(n):
@@ -228,6 +229,11 @@ def use_seed_arithmetic(model):
         elif isinstance(m, UpSampleBlock):
             m.forward = functools.partial(seed_upsample_block, m)
     return model
+
+
+def seed_config(cfg):
+    """The seed loop's step options: fp32, default memory format, eager."""
+    return dict(cfg, amp="off", channels_last=False, compile=False)
 
 
 def cd_setup(cfg, device, seed_faithful=False):
@@ -329,7 +335,7 @@ def bench_cd(args, device, peak):
         return end_to_end_rows(cfg, device, args, peak)
     rows, extra = [cd_row(cfg, device, args, peak)], {}
     if args.reference:
-        seed_cfg = dict(cfg, amp="off", channels_last=False, compile=False)
+        seed_cfg = seed_config(cfg)
         widths = sorted({CDConfig.e2_feats, SEED_E2_FEATS, cfg["e2_feats"]})
         extra["reference_flops"] = {str(w): reference_flops(dict(seed_cfg, e2_feats=w))
                                     for w in widths}
@@ -394,7 +400,7 @@ def end_to_end_rows(cfg, device, args, peak):
                       flops)]
         del loaders  # ends their workers before the cache goes
     if args.reference:
-        seed_cfg = dict(cfg, amp="off", channels_last=False, compile=False)
+        seed_cfg = seed_config(cfg)
         model, _, _, ae_opt, d_opt = cd_setup(seed_cfg, device, seed_faithful=True)
         paths = data.domain_paths(args.data, cfg["image_root"])
         loaders = [seed_batches(data.ImageFiles(paths[s], cfg["crop"], cfg["resize"]), cfg)
