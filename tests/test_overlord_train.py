@@ -730,25 +730,19 @@ def test_apply_override_none_valued_correlation():
     assert cfg["correlation"] is None
 
 
-def test_apply_override_refusals():
+@pytest.mark.parametrize("assignment, message", [
+    ("generator.nope=1", r"unknown key 'nope' \(known here: channel_multiplier, max_width\)"),
+    ("nope=1", "unknown key 'nope'"),
+    ("nope.deeper=1", "unknown key 'nope'"),
+    ("label_dim.max_width=1", "label_dim.max_width: unknown key 'label_dim'"),
+    ("generator=1", "unknown key 'generator'"),  # a whole section
+    ("disentanglement.batch_size=abc", "expected a int like 32"),
+    ("augmentation.flip_horizontal=1", "expected a bool"),
+    ("uncorrelated_std=True", "expected a float"),
+    ("label_dim", "expected KEY=VALUE"),
+])
+def test_apply_override_refusals(assignment, message):
     cfg = json.loads(json.dumps(train.PRESETS["ffhq"]))
-    with pytest.raises(UserError, match=r"unknown key 'nope' \(known here: channel_multiplier, "
-                                        r"max_width\)"):
-        train.apply_override(cfg, "generator.nope=1")
-    with pytest.raises(UserError, match="unknown key 'nope'"):
-        train.apply_override(cfg, "nope=1")
-    with pytest.raises(UserError, match="unknown key 'nope'"):
-        train.apply_override(cfg, "nope.deeper=1")
-    with pytest.raises(UserError, match="label_dim.max_width: unknown key 'label_dim'"):
-        train.apply_override(cfg, "label_dim.max_width=1")
-    with pytest.raises(UserError, match="unknown key 'generator'"):  # a whole section
-        train.apply_override(cfg, "generator=1")
-    with pytest.raises(UserError, match="expected a int like 32"):
-        train.apply_override(cfg, "disentanglement.batch_size=abc")
-    with pytest.raises(UserError, match="expected a bool"):
-        train.apply_override(cfg, "augmentation.flip_horizontal=1")
-    with pytest.raises(UserError, match="expected a float"):
-        train.apply_override(cfg, "uncorrelated_std=True")
-    with pytest.raises(UserError, match="expected KEY=VALUE"):
-        train.apply_override(cfg, "label_dim")
-    assert cfg == train.PRESETS["ffhq"]  # nothing changed by the refused assignments
+    with pytest.raises(UserError, match=message):
+        train.apply_override(cfg, assignment)
+    assert cfg == train.PRESETS["ffhq"]  # nothing changed by the refused assignment
