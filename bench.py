@@ -32,17 +32,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import train
-from models import (ILN, CDConfig, L1Distance, UpSampleBlock, VGGDistance, build_cd,
+from models import (CDConfig, L1Distance, VGGDistance, build_cd,
                     build_overlord, find_vgg_weights)
 from utils import UserError, pick_device, run_cli, write_json
 
-SEED_E2_FEATS = 512  # kozistr's train.py built the separate encoder this wide (SPEC A8 bug 1)
+SEED_E2_FEATS = train.REPRODUCE["kozistr"]["e2_feats"]  # kozistr's train.py's E2 width
 N_LABELS = 10        # OverLORD label-table rows for the bench (they barely change the cost)
 
 
 def build_parser():
     """The bench's flags; CD defaults are train.py's, OverLORD's come from its PRESETS."""
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--method", choices=("cd", "overlord", "all"), default="all", help="steps to time")
@@ -206,54 +206,24 @@ def cd_config(args):
     return cfg
 
 
-def seed_iln(norm, x):
-    """ILN as the seeds compute it: two normalised copies of x, blended by rho."""
-    inst = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(x.var((2, 3), keepdim=True) + norm.eps)
-    layer = (x - x.mean((1, 2, 3), keepdim=True)) / torch.sqrt(x.var((1, 2, 3), keepdim=True)
-                                                               + norm.eps)
-    return (norm.rho * inst + (1 - norm.rho) * layer) * norm.gamma + norm.beta
-
-
-def seed_upsample_block(block, x):
-    """UpSampleBlock as the seeds compute it: upsample, pad, then the 3x3 conv at full size."""
-    upsample, pad, conv, norm, act = block.body
-    return act(norm(conv(pad(upsample(x)))))
-
-
-def use_seed_arithmetic(model):
-    """Swap the folded ILN and upsampling conv of `model` for the seeds' direct forms (same
-    function and weights, more work), so that the reference row times the seed's arithmetic."""
-    for m in model.modules():
-        if isinstance(m, ILN):
-            m.forward = functools.partial(seed_iln, m)
-        elif isinstance(m, UpSampleBlock):
-            m.forward = functools.partial(seed_upsample_block, m)
-    return model
-
-
 def seed_config(cfg):
-    """The seed loop's step options: fp32, default memory format, eager."""
-    return dict(cfg, amp="off", channels_last=False, compile=False)
+    """The seed loop: train.py's --reproduce kozistr (fp32, eager, plain Adam, the seed's layer
+    arithmetic and step), at the bench's E2 width so that both rows time the same networks."""
+    return {**cfg, **train.REPRODUCE["kozistr"], "reproduce": "kozistr", "e2_feats": cfg["e2_feats"]}
 
 
-def cd_setup(cfg, device, seed_faithful=False):
-    """A seeded CD model, optimisers as train.py's main_cd (the seed's layer arithmetic and
-    plain Adam when `seed_faithful`), random A and B batches in [-1, 1]."""
+def cd_setup(cfg, device):
+    """A seeded CD model and optimisers as train.py's main_cd builds them for `cfg` (the seed's
+    layer arithmetic and plain Adam under --reproduce kozistr), random A and B batches in
+    [-1, 1]."""
     torch.manual_seed(0)
     with torch.device(device):
         model = build_cd(cfg).train()
-        if seed_faithful:
-            use_seed_arithmetic(model)
         x_a, x_b = [torch.rand(cfg["bs"], 3, cfg["resize"], cfg["resize"]) * 2 - 1 for _ in "ab"]
     if cfg["channels_last"]:  # before the optimisers see the parameters
         model = model.to(memory_format=torch.channels_last)
         x_a, x_b = [x.contiguous(memory_format=torch.channels_last) for x in (x_a, x_b)]
-    if not seed_faithful:
-        return (model, x_a, x_b, *train.cd_optimizers(model, cfg))
-    betas = (cfg["beta1"], cfg["beta2"])
-    ae_opt = torch.optim.Adam(model.autoencoder_parameters(), cfg["lr"], betas, eps=cfg["eps"])
-    d_opt = torch.optim.Adam(model.latent_disc.parameters(), cfg["d_lr"], betas, eps=cfg["eps"])
-    return model, x_a, x_b, ae_opt, d_opt
+    return (model, x_a, x_b, *train.cd_optimizers(model, cfg))
 
 
 def compile_cd(model):
@@ -265,36 +235,9 @@ def compile_cd(model):
     return model
 
 
-def reference_step(model, x_a, x_b, ae_opt, d_opt, cfg):
-    """kozistr's iteration as written (SPEC A5), in fp32; returns the losses. Give it a model
-    from cd_setup(..., seed_faithful=True) for the seed's layer arithmetic too."""
-    # one call per encoder, decoder and D use; D is not frozen; the D step recomputes the codes
-    # with gradients and is not clipped (the seed's clip never ran)
-    common_a, separate_a = model.common_encoder(x_a), model.separate_encoder(x_a)
-    common_b = model.common_encoder(x_b)
-    recon = (F.mse_loss(model.decode(common_a, separate_a), x_a)
-             + F.mse_loss(model.decode(common_b), x_b))
-    adv = (train.adversarial_loss(model.latent_disc(common_a), 0)
-           + train.adversarial_loss(model.latent_disc(common_b), 0))
-    ae_loss = recon + cfg["adv_weight"] * adv
-    ae_opt.zero_grad()
-    ae_loss.backward()  # also fills D's gradients; d_opt.zero_grad drops them, as in the seed
-    torch.nn.utils.clip_grad_norm_(model.autoencoder_parameters(), train.AE_CLIP_NORM)
-    ae_opt.step()
-
-    common_a, common_b = model.common_encoder(x_a), model.common_encoder(x_b)
-    d_loss = (train.adversarial_loss(model.latent_disc(common_a), 1)
-              + train.adversarial_loss(model.latent_disc(common_b), 0))
-    d_opt.zero_grad()
-    d_loss.backward()  # through E1 too: the seed computed these codes with gradients
-    d_opt.step()
-    model.clamp_rho()
-    return {"ae": ae_loss, "disc": d_loss}
-
-
 def reference_flops(cfg):
     """FLOPs of one seed-loop step, counted on the meta device (shapes only, no arithmetic)."""
-    step = functools.partial(reference_step, *cd_setup(cfg, torch.device("meta"), True), cfg)
+    step = functools.partial(train.seed_train_step, *cd_setup(cfg, torch.device("meta")), cfg)
     return count_flops(step)
 
 
@@ -319,9 +262,9 @@ def step_options(cfg):
 
 
 def reference_row(cfg, device, args, peak):
-    """Row of the seed's loop: fp32, default memory format, eager, plain Adam."""
-    model, x_a, x_b, ae_opt, d_opt = cd_setup(cfg, device, seed_faithful=True)
-    step = functools.partial(reference_step, model, x_a, x_b, ae_opt, d_opt, cfg)
+    """Row of the seed's loop (a seed_config): train.py's step under --reproduce kozistr."""
+    model, x_a, x_b, ae_opt, d_opt = cd_setup(cfg, device)
+    step = functools.partial(train.train_step, model, x_a, x_b, ae_opt, d_opt, cfg)
     reset_peak_memory(device)
     flops = count_flops(step)
     return measure(f"cd seed loop (e2_feats {cfg['e2_feats']})", step, 2 * cfg["bs"], flops,
@@ -401,12 +344,13 @@ def end_to_end_rows(cfg, device, args, peak):
         del loaders  # ends their workers before the cache goes
     if args.reference:
         seed_cfg = seed_config(cfg)
-        model, _, _, ae_opt, d_opt = cd_setup(seed_cfg, device, seed_faithful=True)
+        model, _, _, ae_opt, d_opt = cd_setup(seed_cfg, device)
         paths = data.domain_paths(args.data, cfg["image_root"])
-        loaders = [seed_batches(data.ImageFiles(paths[s], cfg["crop"], cfg["resize"]), cfg)
+        loaders = [seed_batches(data.ImageFiles(paths[s], cfg["crop"], cfg["resize"],
+                                                seed_cfg["interpolation"]), cfg)
                    for s in ("trainA", "trainB")]
         step = functools.partial(loop_step, functools.partial(
-            reference_step, model, ae_opt=ae_opt, d_opt=d_opt, cfg=seed_cfg), loaders, device)
+            train.train_step, model, ae_opt=ae_opt, d_opt=d_opt, cfg=seed_cfg), loaders, device)
         rows.append(timed("cd end to end (seeds' pipeline)", step, 2 * cfg["bs"],
                           count_flops(step)))
         extra["ratio"] = rows[0]["images_per_s"] / rows[1]["images_per_s"]

@@ -132,10 +132,26 @@ def center_crop(img, crop):
     return img[top:top + crop, left:left + crop]
 
 
-def resize_square(img, side, enlarge=cv2.INTER_CUBIC):
-    """Resize a square image: area interpolation to shrink (like PIL's), else `enlarge`."""
+INTERPOLATIONS = ("area", "bilinear")  # ours; the seeds' (torchvision's Resize on PIL images)
+
+
+def resize_bilinear_like_pil(img, side):
+    """PIL's bilinear resize (what the seeds' torchvision Resize does): a triangle filter
+    widened by the shrink factor, so shrinking is antialiased; rounded back to uint8."""
+    import torch
+    import torch.nn.functional as F
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()  # copy: may be read-only
+    y = F.interpolate(x, (side, side), mode="bilinear", antialias=True, align_corners=False)
+    return y[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def resize_square(img, side, enlarge=cv2.INTER_CUBIC, interpolation="area"):
+    """Resize a square image: "area" shrinks by pixel areas and enlarges with `enlarge`;
+    "bilinear" is PIL's bilinear both ways (the seeds')."""
     if img.shape[0] == side and img.shape[1] == side:
         return img
+    if interpolation == "bilinear":
+        return resize_bilinear_like_pil(img, side)
     shrink = img.shape[0] > side
     return cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA if shrink else enlarge)
 
@@ -241,21 +257,25 @@ def domain_paths(root, image_root="", splits=SPLITS):
     return paths
 
 
-def preprocess(rgb, crop, resize, signed=True):
+def preprocess(rgb, crop, resize, signed=True, interpolation="area"):
     """Center crop (0 = largest square), resize, tensor in [-1, 1] (CD) or [0, 1] (OverLORD)."""
-    return to_tensor(resize_square(center_crop(rgb, crop), resize), signed)
+    return to_tensor(resize_square(center_crop(rgb, crop), resize,
+                                   interpolation=interpolation), signed)
 
 
-def _inspect(path, crop, resize=0):
+def _inspect(path, crop, resize=0, interpolation="area"):
     img = read_image(path)
     if img is None:
         return "bad", None
     if crop and min(img.shape[:2]) < crop:
         return "small", img.shape[:2]
-    return "ok", resize_square(center_crop(img, crop), resize) if resize else None
+    if not resize:
+        return "ok", None
+    return "ok", resize_square(center_crop(img, crop), resize, interpolation=interpolation)
 
 
-def check_images(paths, crop, name, skip_bad=False, workers=4, cache_file=None, resize=0):
+def check_images(paths, crop, name, skip_bad=False, workers=4, cache_file=None, resize=0,
+                 interpolation="area"):
     """Decode every image once; raise a UserError naming the unreadable or too-small ones, or
     drop them with a warning when `skip_bad`. Returns the usable paths. With `cache_file`, the
     same pass writes each usable image, cropped and resized, as a row of a uint8 array there."""
@@ -266,7 +286,8 @@ def check_images(paths, crop, name, skip_bad=False, workers=4, cache_file=None, 
                                          shape=(len(paths), resize, resize, 3))
     statuses = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = pool.map(lambda p: _inspect(p, crop, resize if rows is not None else 0), paths)
+        results = pool.map(lambda p: _inspect(p, crop, resize if rows is not None else 0,
+                                              interpolation), paths)
         for i, (status, value) in enumerate(tqdm(results, total=len(paths), leave=False,
                                                  desc=f"checking {name}",
                                                  disable=len(paths) < 2000)):
@@ -307,8 +328,9 @@ class ImageFiles:
     """Dataset over image files; an item is asked for as (index, flip) so that the sampler, not a
     worker's random state, decides the flip (which makes resumed runs exact)."""
 
-    def __init__(self, paths, crop, resize):
+    def __init__(self, paths, crop, resize, interpolation="area"):
         self.paths, self.crop, self.resize = list(paths), crop, resize
+        self.interpolation = interpolation
 
     def __len__(self):
         return len(self.paths)
@@ -318,7 +340,8 @@ class ImageFiles:
         img = read_image(self.paths[index])
         if img is None:
             raise UserError(f"cannot decode {self.paths[index]} (it changed after the start?)")
-        return resize_square(center_crop(img, self.crop), self.resize)
+        return resize_square(center_crop(img, self.crop), self.resize,
+                             interpolation=self.interpolation)
 
     def __getitem__(self, item):
         index, flip = item
@@ -348,10 +371,11 @@ class CachedImages(ImageFiles):
         return {**self.__dict__, "_array": None}
 
 
-def cache_signature(paths, crop, resize, skip_bad):
+def cache_signature(paths, crop, resize, skip_bad, interpolation="area"):
     """A digest of the image files (paths, sizes, modification times) and the transform."""
     import hashlib
-    digest = hashlib.sha1(f"{crop} {resize} {skip_bad}".encode())
+    extra = "" if interpolation == "area" else f" {interpolation}"  # old caches stay valid
+    digest = hashlib.sha1(f"{crop} {resize} {skip_bad}{extra}".encode())
     for path in paths:
         try:
             stat = os.stat(path)
@@ -362,22 +386,24 @@ def cache_signature(paths, crop, resize, skip_bad):
 
 
 def open_image_set(paths, crop, resize, name, skip_bad=False, workers=4, cache_dir="",
-                   cache_gb=0.0):
+                   cache_gb=0.0, interpolation="area"):
     """Check a split's images and return its dataset: decoded once into a uint8 cache under
     `cache_dir` when that takes at most `cache_gb` GB (reused while the files are unchanged),
     else decoded on every access."""
     if not cache_dir or len(paths) * resize * resize * 3 > cache_gb * 1e9:
-        return ImageFiles(check_images(paths, crop, name, skip_bad, workers), crop, resize)
+        return ImageFiles(check_images(paths, crop, name, skip_bad, workers), crop, resize,
+                          interpolation)
     os.makedirs(cache_dir, exist_ok=True)
-    signature = cache_signature(paths, crop, resize, skip_bad)
-    cache_file = os.path.join(cache_dir, f"{name}_{resize}.npy")
-    index_file = os.path.join(cache_dir, f"{name}_{resize}.json")
+    signature = cache_signature(paths, crop, resize, skip_bad, interpolation)
+    tag = f"{resize}" if interpolation == "area" else f"{resize}_{interpolation}"
+    cache_file = os.path.join(cache_dir, f"{name}_{tag}.npy")
+    index_file = os.path.join(cache_dir, f"{name}_{tag}.json")
     if os.path.isfile(index_file) and os.path.isfile(cache_file):
         with open(index_file) as f:
             index = json.load(f)
         if index.get("signature") == signature:
             return CachedImages(index["paths"], cache_file, index["rows"])
-    kept = check_images(paths, crop, name, skip_bad, workers, cache_file, resize)
+    kept = check_images(paths, crop, name, skip_bad, workers, cache_file, resize, interpolation)
     position = {p: i for i, p in enumerate(paths)}
     rows = [position[p] for p in kept]
     with open(f"{index_file}.partial", "w") as f:
@@ -396,14 +422,19 @@ class EndlessBatches:
     `rank` of `world` gets its share of every batch, so the order is the same at any world size."""
 
     def __init__(self, n, batch_size, seed, start=0, drop_last=True, item_seeds=False, rank=0,
-                 world=1):
+                 world=1, per_epoch=None):
         if n == 0 or (drop_last and n < batch_size):
             raise ValueError(f"{n} images, fewer than one batch of {batch_size}")
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
         self.drop_last, self.item_seeds, self.rank, self.world = drop_last, item_seeds, rank, world
+        self.per_epoch = per_epoch
 
     def batches_per_epoch(self):
-        """Full batches, plus the tail unless dropped (or too short to give every process one)."""
+        """Full batches, plus the tail unless dropped (or too short to give every process one);
+        or the `per_epoch` first batches of each permutation, when given (the seeds' zip of two
+        loaders ends every epoch at the smaller domain)."""
+        if self.per_epoch is not None:
+            return self.per_epoch
         tail = self.n % self.batch_size
         return self.n // self.batch_size + int(not self.drop_last and tail >= self.world)
 
@@ -425,18 +456,26 @@ class EndlessBatches:
 
 
 def _worker_init(_):
+    """Each DataLoader worker: one OpenCV thread, and deaf to SIGINT and SIGTERM. A cluster's
+    scancel, `timeout` or systemd signals the whole process group; a worker that died of it
+    would make the main process raise inside the training step, so the step could neither
+    finish nor be saved. The main process ends its workers itself once it has saved, and a
+    worker exits on its own when the main process is gone."""
+    import signal
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def endless_loader(dataset, batch_size, seed, start, workers, pin_memory=False, drop_last=True,
-                   rank=0, world=1):
+                   rank=0, world=1, per_epoch=None):
     """One persistent DataLoader yielding this process's share of global batches forever, from
     batch `start` on; a LabelledImages gets (index, seed) items, an ImageFiles (index, flip)."""
     import torch
     from torch.utils.data import DataLoader
     batches = EndlessBatches(len(dataset), batch_size, seed, start, drop_last,
                              item_seeds=isinstance(dataset, LabelledImages), rank=rank,
-                             world=world)
+                             world=world, per_epoch=per_epoch)
     # its own generator: starting the workers must not draw from the global RNG, which a
     # resumed run has just restored for the training step's noise
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
@@ -753,12 +792,14 @@ def prepare_from_files(dest, items, img_size, source, label_attribute, name=str,
     todo = [item for item in items if item[0] not in missing]
     if not todo:
         raise UserError(f"none of the {len(items)} listed images exists, e.g. {items[0][0]}")
+    short_sides = set()
     with PreparedWriter(dest, len(todo), img_size, with_masks) as writer:
         for path, value, mask_path in tqdm(todo, desc=f"preparing {source}", unit="img"):
             try:
                 img = read_image(path)
                 if img is None:
                     raise ValueError("cannot be decoded")
+                short_sides.add(min(img.shape[:2]))
                 if crop and min(img.shape[:2]) < crop:
                     raise ValueError(f"{img.shape[1]}x{img.shape[0]} px is smaller than "
                                      f"--crop_size {crop}")
@@ -780,7 +821,11 @@ def prepare_from_files(dest, items, img_size, source, label_attribute, name=str,
         if problems:
             print(f"warning: left out {len(problems)} of {len(items)} unusable images: "
                   f"{name_problems(problems)}", file=sys.stderr)
-        return writer.finish(source, label_attribute, name=name, skipped=len(problems), **extra)
+        # the framing, so that manipulation crops a new photo as these were cropped: `crop` px
+        # of images whose shorter side was `crop_of` px (None when the sizes varied)
+        crop_of = short_sides.pop() if len(short_sides) == 1 else None
+        return writer.finish(source, label_attribute, name=name, skipped=len(problems),
+                             **{"crop": crop, "crop_of": crop_of, **extra})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1162,8 +1207,12 @@ class Prepared:
         return len(self.labels)
 
     def config_fields(self):
-        """The fields training derives from the data (SPEC B2): img_shape, n_imgs, n_labels."""
-        return dict(img_shape=list(self.images.shape[1:]), n_imgs=len(self), n_labels=self.n_labels)
+        """The fields training derives from the data (SPEC B2): img_shape, n_imgs, n_labels,
+        and the preparation's framing (input_crop px of a shorter side of input_crop_of px;
+        0 = the largest central square), which manipulation applies to new images."""
+        return dict(img_shape=list(self.images.shape[1:]), n_imgs=len(self), n_labels=self.n_labels,
+                    input_crop=int(self.meta.get("crop") or 0),
+                    input_crop_of=self.meta.get("crop_of"))
 
     def __getstate__(self):
         # memory maps are reopened in each DataLoader worker rather than pickled (copied) whole
@@ -1364,11 +1413,11 @@ PREPARERS = {
 
 def make_parser():
     """The argument parser: one subcommand per PREPARERS entry."""
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="DATASET")
     for name, (doc, add_arguments, _) in PREPARERS.items():
-        add_arguments(sub.add_parser(name, help=doc.splitlines()[0]))
+        add_arguments(sub.add_parser(name, help=doc.splitlines()[0], allow_abbrev=False))
     return parser
 
 

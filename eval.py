@@ -46,7 +46,7 @@ INTERPOLATION_B_IMAGES = 5
 
 def build_parser():
     """I/O flags only: everything about the model comes from the checkpoint."""
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--load", required=True, help="run folder or checkpoint file written by train.py")
@@ -65,6 +65,9 @@ def build_parser():
     a("--pairs", default="", help="CSV of img,reference,output rows (reference may be empty "
       "with --remove); relative paths are taken from the CSV's folder")
     a("--bs", type=int, default=16, help="batch size of --pairs")
+    a("--labels", default="", help="OverLORD: the labels to translate to in the by-label mode "
+      "and the grids, as indices or names (3,17,42); default: all, or a fixed-seed "
+      f"{MAX_TARGET_LABELS} of them when there are more")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--image_root", default="", help="folder to find listed images in when their absolute "
       "paths do not exist")
@@ -148,7 +151,8 @@ def evaluate_on_data(args, model, cfg, step):
         usable = check_images(paths[split], cfg["crop"], split, args.skip_bad)
         if len(usable) < n:
             raise UserError(f"{split} has {len(usable)} images, fewer than --num_display {n}")
-        sets[split] = ImageFiles(usable, cfg["crop"], cfg["resize"])
+        sets[split] = ImageFiles(usable, cfg["crop"], cfg["resize"],
+                                 cfg.get("interpolation", "area"))
     out = make_output_dir(args.out or os.path.join(run_folder(args.load), "eval"))
     for path in write_grids(model, step, sets, n, out):
         print(path)
@@ -157,16 +161,26 @@ def evaluate_on_data(args, model, cfg, step):
 # ------------------------------------------------------------------------------------------------
 # Apply to the user's own images
 
-def load_input(path, crop, side, what, signed=True):
+def load_input(path, crop, side, what, signed=True, interpolation="area", crop_of=None):
     """One image file as a model input (1, 3, side, side): cropped (0 = central square), resized,
-    in [-1, 1] (CD) or [0, 1] (OverLORD); clear errors for missing or too-small files."""
+    in [-1, 1] (CD) or [0, 1] (OverLORD); clear errors for missing or too-small files. With
+    `crop_of`, the crop is `crop` px per `crop_of` px of the image's shorter side (the framing
+    of the training data, whatever size this image is)."""
     img = read_image(path)
     if img is None:
         raise UserError(f"{what} {path!r}: missing or not a decodable image")
-    if crop and min(img.shape[:2]) < crop:
+    if crop and crop_of:
+        crop = max(1, round(crop * min(img.shape[:2]) / crop_of))
+    elif crop and min(img.shape[:2]) < crop:
         raise UserError(f"{what} {path!r} is {img.shape[1]}x{img.shape[0]}, smaller than the "
                         f"model's crop of {crop} px")
-    return preprocess(img, crop, side, signed)[None]
+    return preprocess(img, crop, side, signed, interpolation)[None]
+
+
+def overlord_input(path, cfg, what):
+    """An image as OverLORD's input: framed as its training data was prepared, in [0, 1]."""
+    return load_input(path, cfg.get("input_crop", 0), cfg["img_shape"][0], what, signed=False,
+                      crop_of=cfg.get("input_crop_of"))
 
 
 def to_uint8(x, low=-1.0):
@@ -199,7 +213,9 @@ def apply(model, cfg, jobs, remove, bs, device):
     """Transfer (or remove) the attribute for every (img, reference, output) job, in batches."""
     for start in range(0, len(jobs), bs):
         chunk = jobs[start:start + bs]
-        load = lambda path, what: load_input(path, cfg["crop"], cfg["resize"], what)  # noqa: E731
+        interpolation = cfg.get("interpolation", "area")
+        load = lambda path, what: load_input(  # noqa: E731
+            path, cfg["crop"], cfg["resize"], what, interpolation=interpolation)
         x = torch.cat([load(img, "image") for img, _, _ in chunk]).to(device)
         if remove:
             y = model.remove(x)
@@ -227,10 +243,43 @@ def translate_to_labels(model, x, labels):
     return torch.stack(out, 1).clamp(0, 1)
 
 
-def translate_to_every_label(model, x):
-    """(N, K+1, 3, S, S): each image followed by its translation to every label k."""
-    every = translate_to_labels(model, x, range(model.label_embedding.num_embeddings))
-    return torch.cat([x[:, None].clamp(0, 1), every], 1)
+def translate_to_each_label(model, x, labels):
+    """(N, len(labels)+1, 3, S, S): each image followed by its translation to each label."""
+    return torch.cat([x[:, None].clamp(0, 1), translate_to_labels(model, x, labels)], 1)
+
+
+def label_names(cfg):
+    """The run's label names (from its prepared data), or None when that folder is gone."""
+    try:
+        return load_prepared(cfg["root"]).label_names
+    except (UserError, KeyError, TypeError):
+        return None
+
+
+def chosen_labels(spec, cfg):
+    """The label indices of --labels (indices or names, comma-separated), else all labels, or a
+    fixed-seed MAX_TARGET_LABELS of them when there are more (said in a note): a model of
+    10,000 identities is never rendered whole."""
+    n = cfg["n_labels"]
+    if not spec:
+        labels = target_labels(n)
+        if len(labels) < n:
+            print(f"note: the model has {n} labels; translating to a fixed-seed {len(labels)} "
+                  f"of them (choose with --labels 3,17,42)", file=sys.stderr)
+        return labels
+    names = None
+    labels = []
+    for token in (t.strip() for t in spec.split(",")):
+        if token.isdigit() and int(token) < n:
+            labels.append(int(token))
+            continue
+        names = label_names(cfg) if names is None else names
+        if names and token in names:
+            labels.append(names.index(token))
+            continue
+        raise UserError(f"--labels: {token!r} is neither a label index 0..{n - 1} nor a label "
+                        "name of the run's data")
+    return labels
 
 
 @torch.no_grad()
@@ -241,25 +290,24 @@ def translate_by_reference(model, x, ref):
                                                   correlated)).clamp(0, 1)
 
 
-def manipulate(model, cfg, jobs, bs, device):
-    """Run (img, reference or '', output) jobs in batches; no reference = every label."""
-    size = cfg["img_shape"][0]
-    if any(not ref for _, ref, _ in jobs) and cfg["correlation"]:
+def manipulate(model, cfg, jobs, bs, device, labels_spec=""):
+    """Run (img, reference or '', output) jobs in batches; no reference = the chosen labels."""
+    by_label_jobs = any(not ref for _, ref, _ in jobs)
+    if by_label_jobs and cfg["correlation"]:
         raise UserError(f"config {cfg['preset']} is correlated ({cfg['correlation']}): "
                         f"manipulation needs --reference (the by-label mode is for uncorrelated "
                         f"configs, as in the original)")
+    labels = chosen_labels(labels_spec, cfg) if by_label_jobs else []
     for by_label in (True, False):
         group = [job for job in jobs if (not job[1]) == by_label]
         for start in range(0, len(group), bs):
             chunk = group[start:start + bs]
-            x = torch.cat([load_input(img, 0, size, "image", signed=False)
-                           for img, _, _ in chunk]).to(device)
+            x = torch.cat([overlord_input(img, cfg, "image") for img, _, _ in chunk]).to(device)
             if by_label:
-                rows = translate_to_every_label(model, x)                  # (N, K+1, 3, S, S)
+                rows = translate_to_each_label(model, x, labels)           # (N, L+1, 3, S, S)
                 images = [torch.cat(list(row), 2) for row in rows]          # side by side
             else:
-                ref = torch.cat([load_input(r, 0, size, "reference", signed=False)
-                                 for _, r, _ in chunk])
+                ref = torch.cat([overlord_input(r, cfg, "reference") for _, r, _ in chunk])
                 images = translate_by_reference(model, x, ref.to(device))
             for (_, _, output), image in zip(chunk, images):
                 make_output_dir(os.path.dirname(os.path.abspath(output)), "output")
@@ -286,7 +334,7 @@ def overlord_grids(model, cfg, args, device):
     save_tiles(translation_tiles(model, batch, "synthesis", cfg), written[-1], nrow=n + 1,
                value_range=(0.0, 1.0))
     if not cfg["correlation"]:
-        rows = translate_to_every_label(model, batch["img"])
+        rows = translate_to_each_label(model, batch["img"], chosen_labels(args.labels, cfg))
         written.append(os.path.join(out, "all_labels.png"))
         save_tiles(rows.flatten(0, 1), written[-1], nrow=rows.shape[1], value_range=(0.0, 1.0))
     for path in written:
@@ -512,7 +560,8 @@ def cd_metric_images(args, cfg):
     for split, files in paths.items():
         files = [files[i] for i in fixed_subset(len(files), args.metrics_images)]
         usable = check_images(files, cfg["crop"], split, args.skip_bad)
-        dataset = ImageFiles(usable, cfg["crop"], cfg["resize"])
+        dataset = ImageFiles(usable, cfg["crop"], cfg["resize"],
+                             cfg.get("interpolation", "area"))
         images[split] = (dataset.batch(range(len(dataset))) + 1) / 2
     return images
 
@@ -927,11 +976,12 @@ def main_overlord(args, device):
     if args.remove:
         raise UserError("--remove is for content-disentanglement models")
     if args.pairs:
-        manipulate(model, cfg, read_pairs(args.pairs, remove=True), args.bs, device)
+        manipulate(model, cfg, read_pairs(args.pairs, remove=True), args.bs, device, args.labels)
     elif args.img:
         if not args.output:
             raise UserError("--img needs --output (where to write the result)")
-        manipulate(model, cfg, [(args.img, args.reference, args.output)], 1, device)
+        manipulate(model, cfg, [(args.img, args.reference, args.output)], 1, device,
+                   args.labels)
     else:
         overlord_grids(model, cfg, args, device)
 

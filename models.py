@@ -10,6 +10,7 @@ and per-image codes drive a StyleGAN2 synthesis network (Karras et al., CVPR 202
 net or noise, written here in plain PyTorch; encoders later amortise the codes and a StyleGAN2
 discriminator tunes the result. A frozen VGG16 gives the perceptual distance.
 """
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -45,8 +46,10 @@ class ILN(nn.Module):
         # Both normalisations are per-(sample, channel) affine maps of x, so they fold into one
         # scale and shift: a single pass over x instead of two normalised copies. The layer
         # statistics come from the instance ones; variances are unbiased, as the original's.
+        # The statistics are fp32 whatever x is: under fp16 autocast (n_pixels - 1) * var_in
+        # overflows at 256 px once a channel's variance passes about 1.
         n_pixels = x.shape[2] * x.shape[3]
-        var_in, mean_in = torch.var_mean(x, (2, 3), correction=1, keepdim=True)
+        var_in, mean_in = torch.var_mean(x.float(), (2, 3), correction=1, keepdim=True)
         mean_ln = mean_in.mean(1, keepdim=True)
         squares_ln = ((n_pixels - 1) * var_in + n_pixels * (mean_in - mean_ln).square())
         var_ln = squares_ln.sum(1, keepdim=True) / (x.shape[1] * n_pixels - 1)
@@ -54,7 +57,7 @@ class ILN(nn.Module):
         a_ln = (1 - self.rho) * torch.rsqrt(var_ln + self.eps)
         scale = self.gamma * (a_in + a_ln)
         shift = self.beta - self.gamma * (a_in * mean_in + a_ln * mean_ln)
-        return torch.addcmul(shift, x, scale)
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
 
     def extra_repr(self):
         return f"{self.rho.shape[1]}, eps={self.eps}"
@@ -276,8 +279,36 @@ class CDModel(nn.Module):
 
 
 def build_cd(cfg):
-    """CDModel from a config dict (train flags or a checkpoint's stored config)."""
-    return CDModel(CDConfig.from_dict(cfg))
+    """CDModel from a config dict (train flags or a checkpoint's stored config); with the seed's
+    layer arithmetic under --reproduce kozistr."""
+    model = CDModel(CDConfig.from_dict(cfg))
+    return use_seed_arithmetic(model) if cfg.get("reproduce") == "kozistr" else model
+
+
+def seed_iln(norm, x):
+    """ILN as the seeds compute it: two normalised copies of x, blended by rho."""
+    inst = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(x.var((2, 3), keepdim=True) + norm.eps)
+    layer = (x - x.mean((1, 2, 3), keepdim=True)) / torch.sqrt(x.var((1, 2, 3), keepdim=True)
+                                                               + norm.eps)
+    return (norm.rho * inst + (1 - norm.rho) * layer) * norm.gamma + norm.beta
+
+
+def seed_upsample_block(block, x):
+    """UpSampleBlock as the seeds compute it: upsample, pad, then the 3x3 conv at full size."""
+    upsample, pad, conv, norm, act = block.body
+    return act(norm(conv(pad(upsample(x)))))
+
+
+def use_seed_arithmetic(model):
+    """Swap the folded ILN and upsampling conv of `model` for the seeds' direct forms (same
+    function and weights, more work), as kozistr's code computes it
+    (--reproduce kozistr, and bench.py's seed-loop row)."""
+    for m in model.modules():
+        if isinstance(m, ILN):
+            m.forward = functools.partial(seed_iln, m)
+        elif isinstance(m, UpSampleBlock):
+            m.forward = functools.partial(seed_upsample_block, m)
+    return model
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ OverLORD (Gabbay & Hoshen, ICCV 2021), images labelled by an attribute (see data
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -26,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (EndlessBatches, LabelledImages, domain_paths, endless_loader, load_prepared,
-                  make_demo, make_demo_labeled, open_image_set)
+from data import (INTERPOLATIONS, EndlessBatches, LabelledImages, domain_paths, endless_loader,
+                  load_prepared, make_demo, make_demo_labeled, open_image_set)
 from models import (VGG16_WEIGHTS_FILE, CDConfig, L1Distance, VGGDistance, build_cd,
                     build_overlord, find_vgg_weights)
-from utils import (RunningMeans, StopRequest, UserError, append_jsonl, average_gradients,
-                   average_values, checkpoint_path, close_distributed, init_distributed,
-                   load_checkpoint, load_weights, main_process_first, make_output_dir, rng_state,
-                   run_cli, save_checkpoint, save_tiles, seed_everything, set_rng_state,
-                   strip_prefixes, write_json)
+from utils import (RunningMeans, StopRequest, UserError, any_process, append_jsonl,
+                   average_gradients, average_values, checkpoint_path, close_distributed,
+                   init_distributed, load_checkpoint, load_weights, main_process_first,
+                   make_output_dir, restore_rng, rng_entries, run_cli, save_checkpoint,
+                   save_tiles, seed_everything, strip_prefixes, write_json)
 
 AE_CLIP_NORM = 5.0  # joint gradient-norm clip of both encoders and the decoder (as the seeds)
 
@@ -45,12 +46,24 @@ DEMO_PRESET = dict(resize=32, crop=0, bs=16, iters=1500, sep=32, n_tot_feats=256
                    lr=5e-4, d_lr=5e-4)
 
 # Fields that define the networks or their input: a resumed run must keep them.
-ARCHITECTURE_KEYS = tuple(CDConfig.__dataclass_fields__) + ("crop",)
+ARCHITECTURE_KEYS = tuple(CDConfig.__dataclass_fields__) + ("crop", "interpolation")
+
+# --reproduce kozistr: every behaviour of the seed's train.py at once (README, "Differences").
+# The seed's loop comes with it: one call per encoder use, D unfrozen in the autoencoder step,
+# the D step's codes recomputed with gradients, plain Adam, and its layer arithmetic (ILN as
+# two normalised copies, nearest upsampling before the 3x3 conv). bench.py's seed row is this.
+REPRODUCE = {"kozistr": dict(e2_feats=512, d_codes="recompute", d_clip=0.0, sampler="epochs",
+                             interpolation="bilinear", amp="off", channels_last=False,
+                             compile=False)}
+
+# A run whose loss is not finite stops without saving. Under --amp fp16 the grad scaler skips
+# the steps whose gradients overflow (normal), so only this many non-finite steps in a row count.
+NONFINITE_STEPS = {"fp16": 20}
 
 
 def build_parser():
     """Flags of kozistr's train.py (same names and defaults), plus device, seed, workers, fixes."""
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--root", default="", help="folder with trainA.txt trainB.txt testA.txt testB.txt or "
@@ -86,6 +99,13 @@ def build_parser():
       help="mixed precision: bf16 autocast, or fp16 with a gradient scaler (GPU)")
     a("--channels_last", action="store_true", help="NHWC memory format (faster on some GPUs)")
     a("--compile", action="store_true", help="torch.compile the networks (slow first steps)")
+    a("--sampler", choices=("cycle", "epochs"), default="cycle", help="cycle: each domain runs "
+      "through its own shuffled order, every image used; epochs: the seeds' zip of two shuffled "
+      "loaders, each epoch as long as the smaller domain")
+    a("--interpolation", choices=INTERPOLATIONS, default="area", help="resize: area to shrink, "
+      "bicubic to enlarge (ours); bilinear: PIL's antialiased bilinear, as the seeds")
+    a("--reproduce", choices=("", *REPRODUCE), default="", help="kozistr: the seed's train.py "
+      "exactly, every setting at once (the README lists them); flags it sets must not differ")
     a("--cache_gb", type=float, default=8.0, help="keep decoded, resized images in a uint8 "
       "memory-mapped cache under OUT/cache when it needs at most this many GB; 0 = decode "
       "every time")
@@ -128,6 +148,11 @@ def resolve_config(argv):
                                 f"{ckpt['config'][key]}, not {cfg[key]} (drop the flag)")
     elif not args.root:
         cfg.update({k: v for k, v in DEMO_PRESET.items() if k not in explicit})
+    for key, value in REPRODUCE.get(cfg["reproduce"], {}).items():
+        if key in explicit and cfg[key] != value:
+            raise UserError(f"--reproduce {cfg['reproduce']} sets --{key} {value}; drop "
+                            f"--{key} {cfg[key]}, or --reproduce")
+        cfg[key] = value
     cfg["method"] = "cd"
     CDConfig.from_dict(cfg).validate()
     for key in ("bs", "iters", "progress_iter", "display_iter", "save_iter", "num_display"):
@@ -210,11 +235,36 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def seed_train_step(model, x_a, x_b, ae_opt, d_opt, cfg):
+    """kozistr's iteration as written (SPEC A5), for --reproduce kozistr, in fp32. One call per
+    encoder, decoder and D use. D is not frozen in the autoencoder step: the gradients it gets
+    there are dropped by the D step's zero_grad, as in the seed. The D step recomputes both
+    common codes with gradients (through E1, also as the seed) and clips at cfg["d_clip"]."""
+    common_a, separate_a = model.common_encoder(x_a), model.separate_encoder(x_a)
+    common_b = model.common_encoder(x_b)
+    losses = {"recon_a": F.mse_loss(model.decode(common_a, separate_a), x_a),
+              "recon_b": F.mse_loss(model.decode(common_b), x_b),
+              "adv": adversarial_loss(model.latent_disc(common_a), 0)
+              + adversarial_loss(model.latent_disc(common_b), 0)}
+    losses["ae"] = losses["recon_a"] + losses["recon_b"] + cfg["adv_weight"] * losses["adv"]
+    optimise(ae_opt, losses["ae"], AE_CLIP_NORM)
+
+    common_a, common_b = model.common_encoder(x_a), model.common_encoder(x_b)
+    losses["disc"] = (adversarial_loss(model.latent_disc(common_a), 1)
+                      + adversarial_loss(model.latent_disc(common_b), 0))
+    optimise(d_opt, losses["disc"], cfg["d_clip"])
+    model.clamp_rho()
+    return losses  # tensors (train_step turns them into floats)
+
+
 def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None):
     """One iteration: autoencoder step, discriminator step, ILN rho clamp. Returns float losses.
 
     cfg["d_codes"] = "reuse" trains the discriminator on the autoencoder step's common codes
-    (detached); "recompute" runs the just-updated encoder again, as the seeds did."""
+    (detached); "recompute" runs the just-updated encoder again, as the seeds did.
+    cfg["reproduce"] = "kozistr" runs the seed's loop instead (seed_train_step)."""
+    if cfg.get("reproduce") == "kozistr":
+        return to_floats(seed_train_step(model, x_a, x_b, ae_opt, d_opt, cfg))
     amp = autocast(x_a.device, cfg.get("amp", "off"))
     model.latent_disc.requires_grad_(False)
     with amp:
@@ -234,16 +284,17 @@ def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None):
     return to_floats(losses)
 
 
-def adam(params, lr, betas=(0.9, 0.999), eps=1e-8):
+def adam(params, lr, betas=(0.9, 0.999), eps=1e-8, fused=True):
     """Adam, fused into one kernel per step (the same update, less memory traffic)."""
-    return torch.optim.Adam(params, lr, betas, eps=eps, fused=True)
+    return torch.optim.Adam(params, lr, betas, eps=eps, fused=fused)
 
 
 def cd_optimizers(model, cfg):
-    """(encoders + decoder optimiser, discriminator optimiser), as kozistr's."""
-    betas = (cfg["beta1"], cfg["beta2"])
-    return (adam(model.autoencoder_parameters(), cfg["lr"], betas, cfg["eps"]),
-            adam(model.latent_disc.parameters(), cfg["d_lr"], betas, cfg["eps"]))
+    """(encoders + decoder optimiser, discriminator optimiser), as kozistr's (and, under
+    --reproduce kozistr, its plain Adam)."""
+    betas, fused = (cfg["beta1"], cfg["beta2"]), cfg.get("reproduce") != "kozistr"
+    return (adam(model.autoencoder_parameters(), cfg["lr"], betas, cfg["eps"], fused),
+            adam(model.latent_disc.parameters(), cfg["d_lr"], betas, cfg["eps"], fused))
 
 
 def save_and_exit(save, main, message):
@@ -252,6 +303,44 @@ def save_and_exit(save, main, message):
     if main:
         print(message, file=sys.stderr)
     sys.exit(130)
+
+
+def first_nonfinite(losses):
+    """(name, value) of the first loss that is NaN or infinite, else None."""
+    return next(((k, v) for k, v in losses.items() if not math.isfinite(v)), None)
+
+
+def finite_weights(model):
+    """True when every parameter and buffer of `model` is finite (checked before each save)."""
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+               if t.is_floating_point())
+
+
+class DivergenceWatch:
+    """Counts non-finite steps in a row; `diverged` once there were `patience` of them."""
+
+    def __init__(self, amp="off"):
+        self.patience, self.run, self.last = NONFINITE_STEPS.get(amp, 1), 0, None
+
+    def update(self, losses):
+        bad = first_nonfinite(losses)
+        self.run, self.last = (self.run + 1, bad) if bad else (0, self.last)
+        return self.run >= self.patience
+
+    def what(self):
+        """What went wrong, for divergence_error."""
+        if self.last is None:
+            return "a loss on another process is not finite"
+        run = f" for {self.patience} steps in a row" if self.patience > 1 else ""
+        return f"the {self.last[0]} loss is {self.last[1]}{run}"
+
+
+def divergence_error(what, where, saved, resume_hint):
+    """The one line a diverged run stops with: which loss, when, what is kept, how to go on."""
+    kept = (f"the last good checkpoint ({saved}) is kept" if saved
+            else "no checkpoint had been saved yet")
+    return UserError(f"training diverged: {what} at {where}; nothing was saved, {kept}; "
+                     f"resume with a lower learning rate: {resume_hint}")
 
 
 def compile_model(model):
@@ -293,7 +382,8 @@ def load_domains(cfg):
     paths = domain_paths(cfg["root"], cfg["image_root"])
     workers, cache_dir = max(2, cfg["n_threads"]), os.path.join(cfg["out"], "cache")
     sets = {s: open_image_set(p, cfg["crop"], cfg["resize"], s, cfg["skip_bad"], workers,
-                              cache_dir, cfg["cache_gb"]) for s, p in paths.items()}
+                              cache_dir, cfg["cache_gb"], cfg.get("interpolation", "area"))
+            for s, p in paths.items()}
     for split in ("trainA", "trainB"):
         if len(sets[split]) < cfg["bs"]:
             raise UserError(f"{split} has {len(sets[split])} images, fewer than --bs {cfg['bs']}")
@@ -305,13 +395,19 @@ def load_domains(cfg):
 
 
 def checkpoint_state(model, ae_opt, d_opt, step, cfg, scaler=None):
-    """Everything a resumed run needs, in weights_only-loadable types."""
-    state = {"config": cfg, "step": step, "rng": rng_state(),
+    """Everything a resumed run needs, in weights_only-loadable types (every process calls it:
+    it gathers each one's random state)."""
+    state = {"config": cfg, "step": step, **rng_entries(),
              "models": {"model": strip_prefixes(model.state_dict())},
              "optimizers": {"ae": ae_opt.state_dict(), "disc": d_opt.state_dict()}}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     return state
+
+
+def lower_lr_hint(out, lr):
+    """The command that resumes a diverged CD run at a tenth of its learning rate."""
+    return f"python train.py --load {out} --lr {lr / 10:g}"
 
 
 def main_cd(argv):
@@ -349,7 +445,7 @@ def main_cd(argv):
         ae_opt.load_state_dict(ckpt["optimizers"]["ae"])
         d_opt.load_state_dict(ckpt["optimizers"]["disc"])
         step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+        restore_rng(ckpt, rank, world, cfg["seed"])
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         if main:
@@ -359,31 +455,48 @@ def main_cd(argv):
     if cfg["compile"]:
         compile_model(model)
 
+    per_epoch = None  # the seeds' epochs: both domains cut to the smaller one's full batches
+    if cfg["sampler"] == "epochs":
+        per_epoch = min(len(sets["trainA"]), len(sets["trainB"])) // cfg["bs"]
     shard = dict(workers=cfg["n_threads"], pin_memory=device.type == "cuda", rank=rank,
-                 world=world)
+                 world=world, per_epoch=per_epoch)
     batches_a = endless_loader(sets["trainA"], cfg["bs"], cfg["seed"] * 2, step, **shard)
     batches_b = endless_loader(sets["trainB"], cfg["bs"], cfg["seed"] * 2 + 1, step, **shard)
+    saved = f"iteration {step}" if ckpt is not None else ""
 
     def save():
-        if main:
-            save_checkpoint(os.path.join(out, "checkpoint"),
-                            checkpoint_state(model, ae_opt, d_opt, step, cfg, scaler))
+        nonlocal saved
+        if not any_process(not finite_weights(model))[0]:
+            state = checkpoint_state(model, ae_opt, d_opt, step, cfg, scaler)
+            if main:
+                save_checkpoint(os.path.join(out, "checkpoint"), state)
+            saved = f"iteration {step}"
+            return
+        raise divergence_error("the weights are not finite", f"iteration {step}", saved,
+                               lower_lr_hint(out, cfg["lr"]))
 
     # loop
     model.train()
     means, tick, tick_step = RunningMeans(), time.time(), step
+    watch, stopping = DivergenceWatch(cfg["amp"]), False
     bar = tqdm(total=cfg["iters"], initial=step, desc="cd", dynamic_ncols=True, disable=not main)
     with StopRequest() as stop:
-        while step < cfg["iters"] and not stop.requested:
+        while step < cfg["iters"] and not stopping:
             try:
                 x_a = next(batches_a).to(device, non_blocking=True, memory_format=memory_format)
                 x_b = next(batches_b).to(device, non_blocking=True, memory_format=memory_format)
             except RuntimeError:
-                if stop.requested:  # Ctrl-C also ended the loader's workers
+                if stop.requested:  # a loader worker ended by a signal (not one of ours)
+                    stopping = True
                     break
                 raise
             losses = train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler)
             step += 1
+            stopping, diverged = any_process(stop.requested, watch.update(losses))
+            if diverged:
+                bar.close()
+                raise divergence_error(watch.what(), f"iteration {step}", saved,
+                                       lower_lr_hint(out, cfg["lr"]))
             means.update(losses)
             bar.update(1)
             last = step == cfg["iters"]
@@ -404,7 +517,7 @@ def main_cd(argv):
             if step % cfg["save_iter"] == 0 or last:
                 save()
     bar.close()
-    if stop.requested:
+    if stopping:
         save_and_exit(save, main, f"stopped: checkpoint of iteration {step} saved in {out}; "
                                   f"resume with --load {out}")
     if main:
@@ -531,7 +644,7 @@ def apply_override(cfg, assignment):
 
 def build_overlord_parser():
     """Flags of OverLORD training: I/O and run control; the method's knobs live in PRESETS."""
-    p = argparse.ArgumentParser(prog="train.py --method overlord",
+    p = argparse.ArgumentParser(prog="train.py --method overlord", allow_abbrev=False,
                                 description="Train OverLORD: latent optimisation, amortisation, "
                                 "synthesis. Knobs come from --config and --set.")
     a = p.add_argument
@@ -584,12 +697,26 @@ def resolve_overlord_config(argv):
                         f"localized")
     if cfg["correlation"] and cfg["correlated_dim"] <= 0:
         raise UserError("a correlated config needs correlated_dim > 0")
-    bs = cfg["synthesis"]["batch_size"]
-    if bs % min(bs, 4):
-        raise UserError(f"synthesis.batch_size {bs}: the discriminator's minibatch-stddev "
-                        f"needs a multiple of 4 (or fewer than 4)")
+    check_batch_sizes(cfg, world=1)
     cfg.update(method="overlord", out=args.out, seed=cfg.get("seed", args.seed))
     return cfg, args, ckpt
+
+
+def check_batch_sizes(cfg, world):
+    """Before any stage runs: every stage's global batch splits evenly over the `world`
+    processes, and each process's share of the synthesis batch suits the discriminator's
+    minibatch-stddev (groups of min(batch, 4) images)."""
+    for stage in STAGES:
+        bs = cfg[stage]["batch_size"]
+        if bs <= 0 or bs % world:
+            raise UserError(f"{stage}.batch_size {bs} (the global batch) must be a positive "
+                            f"multiple of the {world} processes")
+    share = cfg["synthesis"]["batch_size"] // world
+    if share % min(share, 4):
+        each = f" ({share} on each of {world} processes)" if world > 1 else ""
+        raise UserError(f"synthesis.batch_size {cfg['synthesis']['batch_size']}{each}: the "
+                        f"discriminator's minibatch-stddev needs a multiple of 4 (or fewer "
+                        f"than 4) images per process")
 
 
 def build_perceptual(cfg, weights_path):
@@ -751,8 +878,9 @@ def save_translation_grids(model, dataset, stage, epoch, ctx):
 # --- one stage: loader, optimisers, schedule, epochs, logs, grids, checkpoints ---
 
 def overlord_checkpoint(model, ctx, stage, step, optimizers, schedulers):
-    """Everything needed to resume inside `stage` at batch `step`."""
-    return {"config": ctx["cfg"], "stage": stage, "step": step, "rng": rng_state(),
+    """Everything needed to resume inside `stage` at batch `step` (every process calls it: it
+    gathers each one's random state)."""
+    return {"config": ctx["cfg"], "stage": stage, "step": step, **rng_entries(),
             "done": list(ctx["done"]), "models": {"model": model.state_dict()},
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
@@ -771,15 +899,19 @@ def numpy_rng_from_state(state):
     return name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached
 
 
+def stage_lr_hint(out, stage, stage_cfg):
+    """The command that resumes a diverged stage with its first learning rate a tenth as big."""
+    name, value = next((k, v) for k, v in stage_cfg["learning_rate"].items() if k != "min")
+    return (f"python train.py --method overlord --load {out} "
+            f"--set {stage}.learning_rate.{name}={value / 10:g}")
+
+
 def run_stage(stage, model, dataset, ctx, resume=None):
     """Train one stage for its epochs; writes metrics, grids and a checkpoint every epoch."""
     scfg = ctx["cfg"][stage]
     bs, drop_last = scfg["batch_size"], stage != "disentanglement"
     if len(dataset) < bs and drop_last:
         raise UserError(f"{stage}.batch_size {bs} is larger than the {len(dataset)} images")
-    if bs % ctx["world"]:
-        raise UserError(f"{stage}.batch_size {bs} (the global batch) must be divisible by the "
-                        f"{ctx['world']} processes")
     shard = dict(rank=ctx["rank"], world=ctx["world"])
     per_epoch = EndlessBatches(len(dataset), bs, 0, 0, drop_last, **shard).batches_per_epoch()
     total = scfg["n_epochs"] * per_epoch
@@ -798,28 +930,39 @@ def run_stage(stage, model, dataset, ctx, resume=None):
     main = ctx["rank"] == 0
 
     def save():
+        if any_process(not finite_weights(model))[0]:
+            raise divergence_error("the weights are not finite", f"{stage} batch {step}",
+                                   ctx["saved"], stage_lr_hint(ctx["out"], stage, scfg))
+        state = overlord_checkpoint(model, ctx, stage, step, optimizers, schedulers)
         if main:
-            save_checkpoint(os.path.join(ctx["out"], "checkpoint"),
-                            overlord_checkpoint(model, ctx, stage, step, optimizers, schedulers))
+            save_checkpoint(os.path.join(ctx["out"], "checkpoint"), state)
+        ctx["saved"] = f"{stage} batch {step}"
 
     batches = endless_loader(dataset, bs, ctx["cfg"]["seed"] * 3 + STAGES.index(stage), step,
                              ctx["workers"], ctx["device"].type == "cuda", drop_last, **shard)
     step_fn, device = STAGE_STEPS[stage], ctx["device"]
     model.train()
     means, tick, tick_step = RunningMeans(), time.time(), step
+    watch, stopping = DivergenceWatch(), False
     bar = tqdm(total=total, initial=step, desc=stage, dynamic_ncols=True, disable=not main)
     with StopRequest() as stop:
-        while step < total and not stop.requested:
+        while step < total and not stopping:
             try:
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             except RuntimeError:
                 if stop.requested:
+                    stopping = True
                     break
                 raise
             losses = to_floats(step_fn(model, batch, ctx))
             for scheduler in schedulers.values():
                 scheduler.step()
             step += 1
+            stopping, diverged = any_process(stop.requested, watch.update(losses))
+            if diverged:
+                bar.close()
+                raise divergence_error(watch.what(), f"{stage} batch {step}", ctx["saved"],
+                                       stage_lr_hint(ctx["out"], stage, scfg))
             means.update(losses)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4f}" for k, v in list(losses.items())[:3]})
@@ -838,7 +981,7 @@ def run_stage(stage, model, dataset, ctx, resume=None):
                         save_translation_grids(model, dataset, stage, epoch, ctx)
                 save()
     bar.close()
-    if stop.requested:
+    if stopping:
         save_and_exit(save, main, f"stopped in {stage} at batch {step}/{total}; resume with "
                                   f"--load {ctx['out']}")
 
@@ -848,6 +991,7 @@ def main_overlord(argv):
     cfg, args, ckpt = resolve_overlord_config(argv)
     rank, world, device = init_distributed(args.device)
     main = rank == 0
+    check_batch_sizes(cfg, world)
     out = make_output_dir(args.out)
     seed_everything(cfg["seed"])
     perceptual = build_perceptual(cfg, args.vgg_weights).to(device)
@@ -861,8 +1005,8 @@ def main_overlord(argv):
     prepared = load_prepared(args.root)
     data_fields = prepared.config_fields()
     if ckpt is not None:
-        changed = [k for k, v in data_fields.items() if list(np.atleast_1d(cfg[k])) !=
-                   list(np.atleast_1d(v))]
+        changed = [k for k in ("img_shape", "n_imgs", "n_labels")
+                   if list(np.atleast_1d(cfg[k])) != list(np.atleast_1d(data_fields[k]))]
         if changed:
             raise UserError(f"--root {args.root} does not match the run being resumed "
                             f"({', '.join(f'{k}: {cfg[k]} vs {data_fields[k]}' for k in changed)})")
@@ -877,13 +1021,14 @@ def main_overlord(argv):
     if world > 1:  # same initial weights everywhere, then each process its own noise
         torch.manual_seed(cfg["seed"] * 1000 + rank)
     ctx = {"cfg": cfg, "out": out, "device": device, "perceptual": perceptual, "rank": rank,
-           "world": world, "workers": args.workers, "done": [],
+           "world": world, "workers": args.workers, "done": [], "saved": "",
            "grid_rng": np.random.RandomState(1337)}
     resume_stage = None
     if ckpt is not None:
         load_weights(model, ckpt["models"]["model"], f"--load {args.load}")
-        set_rng_state(ckpt["rng"])
+        restore_rng(ckpt, rank, world, cfg["seed"])
         ctx["done"] = list(ckpt["done"])
+        ctx["saved"] = f"{ckpt['stage']} batch {ckpt['step']}"
         ctx["grid_rng"].set_state(numpy_rng_from_state(ckpt["grid_rng"]))
         resume_stage = ckpt["stage"]
         if main:
@@ -905,9 +1050,9 @@ def main_overlord(argv):
                           and stage not in ctx["done"]) else None
         run_stage(stage, model, dataset, ctx, resume)
         ctx["done"] = [s for s in STAGES if s in ctx["done"] or s == stage]
+        state = overlord_checkpoint(model, ctx, stage, 0, {}, {})
         if main:
-            save_checkpoint(os.path.join(out, "checkpoint"),
-                            overlord_checkpoint(model, ctx, stage, 0, {}, {}))
+            save_checkpoint(os.path.join(out, "checkpoint"), state)
     if main:
         print(f"done: {', '.join(ctx['done'])}; grids, metrics.jsonl and checkpoint in {out}")
 
@@ -915,7 +1060,7 @@ def main_overlord(argv):
 def main(argv=None):
     """Dispatch on --method (cd, the default, or overlord)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--method", choices=("cd", "overlord"), default="cd")
     known, rest = pre.parse_known_args(argv)
     (main_overlord if known.method == "overlord" else main_cd)(rest)

@@ -97,6 +97,28 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
+def rng_entries():
+    """Checkpoint entries of the random state: "rng" (rank 0's, what a one-process resume reads)
+    and, in a process group, "rng_by_rank" with every process's own. Every process must call it
+    (it gathers)."""
+    states = gather_objects(rng_state())
+    return {"rng": states[0], **({"rng_by_rank": states} if len(states) > 1 else {})}
+
+
+def restore_rng(ckpt, rank, world, seed):
+    """Put back this process's random state: its own when the run is resumed at the world size
+    it was saved at; else rank 0 takes the saved one and every other rank a stream of its own,
+    seeded from (seed, rank, step), so that no two processes draw the same noise."""
+    by_rank = ckpt.get("rng_by_rank")
+    if by_rank is not None and len(by_rank) == world:
+        set_rng_state(by_rank[rank])
+        return
+    set_rng_state(ckpt["rng"])
+    if rank > 0:
+        seed_everything(int(np.random.SeedSequence([seed, rank, ckpt.get("step", 0)])
+                            .generate_state(1)[0]))
+
+
 def save_checkpoint(path, state):
     """torch.save to `path` through a temporary file, so a kill never leaves a broken checkpoint."""
     tmp = f"{path}.tmp"
@@ -220,27 +242,39 @@ class StopRequest:
 # ------------------------------------------------------------------------------------------------
 # Several processes (torchrun): one per device, gradients averaged before every optimiser step
 
+def launched_by_torchrun():
+    """True when torchrun (or another launcher setting RANK and WORLD_SIZE) started us."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def process_group_backend(device):
+    """The backend map of a process on `device`: gloo always (CPU tensors: logged values, flags,
+    gathered objects) and, on a GPU, NCCL for CUDA tensors. NCCL alone has no CPU backend, so
+    every collective on a CPU tensor would fail there."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(device_name="auto"):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
-    with one GPU per process when CUDA is there, else gloo on the CPU."""
+    """(rank, world size, device). Under torchrun joins the process group, even a group of one
+    (so that `torchrun --nproc_per_node=1` runs the same collectives as a larger job): one GPU
+    per process when CUDA is there, else the CPU."""
     import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if not launched_by_torchrun():
         return 0, 1, pick_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = pick_device(device_name)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(device))
     return rank, world, device
 
 
 def distributed():
-    """True inside a process group of more than one process."""
+    """True inside a process group (of any size: a group of one takes the collective path)."""
     import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized()
 
 
 def average_gradients(params):
@@ -262,7 +296,8 @@ def average_gradients(params):
 
 
 def average_values(values):
-    """{name: float} averaged over all processes (for logs of the global batch)."""
+    """{name: float} averaged over all processes (for logs of the global batch). The values
+    travel as a CPU tensor, which the gloo part of the group carries on every device."""
     if not distributed():
         return values
     import torch.distributed as dist
@@ -270,6 +305,27 @@ def average_values(values):
     t = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
     dist.all_reduce(t)
     return {n: v / dist.get_world_size() for n, v in zip(names, t.tolist())}
+
+
+def any_process(*flags):
+    """Each flag OR-ed over all processes, so that every process takes the same branch (stop,
+    or give up on a diverged run) at the same step and no collective is left waiting."""
+    if not distributed():
+        return [bool(f) for f in flags]
+    import torch.distributed as dist
+    t = torch.tensor([float(bool(f)) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...]: a picklable object from every process."""
+    if not distributed():
+        return [obj]
+    import torch.distributed as dist
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
 @contextlib.contextmanager

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import seed_iln, seed_upsample_block
-from models import ILN, CDConfig, UpSampleBlock, build_cd, upsample_conv3x3
+from models import (ILN, CDConfig, UpSampleBlock, build_cd, seed_iln, seed_upsample_block,
+                    upsample_conv3x3)
 from train import autoencoder_losses, train_step
 from utils import UserError
 

@@ -54,6 +54,9 @@ def test_overlord_two_processes_match_one(tmp_path):
         r = torchrun(*args, "--stage", stage, "--out", tmp_path / "two", *load)
         assert r.returncode == 0, r.stderr[-3000:]
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    # each process saved its own random stream and, resumed for stage 2, kept it (not rank 0's)
+    states = torch.load(tmp_path / "two" / "checkpoint", weights_only=True)["rng_by_rank"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
 
 
 def test_global_batch_must_split_evenly(two_domains, tmp_path):

@@ -377,7 +377,7 @@ def test_eval_every_label_side_by_side(full_run, image_files, tmp_path):
     # the other columns are G([E_u(x), L[k]]) for k = 0..K-1
     model, _ = ol_eval.load_model(run, torch.device("cpu"), "overlord")
     x = ol_eval.load_input(image_files[0], 0, SIZE, "image", signed=False)
-    rows = ol_eval.translate_to_every_label(model, x)
+    rows = ol_eval.translate_to_each_label(model, x, range(N_LABELS))
     assert rows.shape == (1, N_LABELS + 1, 3, SIZE, SIZE)
     expected = torch.cat(list(rows[0]), 2)
     assert np.abs(ol_eval.to_uint8(expected, low=0.0).astype(int) - img.astype(int)).max() <= 1
