@@ -209,7 +209,8 @@ def cd_config(args):
 def seed_config(cfg):
     """The seed loop: train.py's --reproduce kozistr (fp32, eager, plain Adam, the seed's layer
     arithmetic and step), at the bench's E2 width so that both rows time the same networks."""
-    return {**cfg, **train.REPRODUCE["kozistr"], "reproduce": "kozistr", "e2_feats": cfg["e2_feats"]}
+    return {**cfg, **train.REPRODUCE["kozistr"], "reproduce": "kozistr",
+            "e2_feats": cfg["e2_feats"]}
 
 
 def cd_setup(cfg, device):

@@ -171,41 +171,57 @@ HAIR_COLOURS = ((40, 30, 25), (110, 70, 40), (220, 190, 110), (170, 70, 40), (15
 GLASSES_COLOURS = ((20, 20, 20), (200, 30, 30), (30, 60, 200), (20, 150, 60))
 
 
-def draw_face(rng, size=64, glasses=False, hair=None):
-    """Draw a cartoon face (HxWx3 uint8 RGB); `glasses` adds the accessory of domain A.
+def face_parameters(rng, hair=None):
+    """Everything random about one cartoon face (no glasses), drawn from `rng` (a numpy
+    Generator) in a fixed order; `hair` forces one of HAIR_COLOURS by index. Coordinates are in
+    a 64-px frame."""
+    p = {"top": rng.integers(120, 256, 3), "bottom": rng.integers(60, 220, 3),
+         "cx": 32 + rng.uniform(-2.5, 2.5), "cy": 35 + rng.uniform(-2.0, 2.0),
+         "fw": rng.uniform(14, 17), "fh": rng.uniform(18, 21),
+         "skin": int(rng.integers(len(SKIN_TONES)))}
+    p["hair"] = int(rng.integers(len(HAIR_COLOURS))) if hair is None else hair
+    p["fringe"] = rng.uniform(4, 8)
+    p["eye_y"], p["eye_dx"] = p["cy"] - 3 + rng.uniform(-1, 1), rng.uniform(6, 7.5)
+    p["smile"] = rng.uniform(0.5, 3.0)
+    p["mouth"] = rng.uniform(3.5, 6)
+    return p
 
-    Pose, skin, hair, background and expression vary with `rng` (a numpy Generator); `hair`
-    forces one of HAIR_COLOURS by index. Drawn at 4x and shrunk for anti-aliased edges.
-    """
+
+def glasses_parameters(rng):
+    """The random part of a pair of glasses: colour (index into GLASSES_COLOURS), lens radius.
+    Where they sit follows the face they are drawn on (its eyes and width)."""
+    return {"colour": int(rng.integers(len(GLASSES_COLOURS))), "lens": rng.uniform(3.5, 4.5)}
+
+
+def render_face(face, glasses=None, size=64):
+    """Draw a face of face_parameters, wearing glasses of glasses_parameters if given
+    (HxWx3 uint8 RGB). Drawn at 4x and shrunk for anti-aliased edges."""
     s = 4 * size
     u = s / 64.0  # drawing unit: coordinates below are in a 64-px frame
 
     def pt(x, y):
         return int(round(x * u)), int(round(y * u))
 
-    top, bottom = rng.integers(120, 256, 3), rng.integers(60, 220, 3)
     ramp = np.linspace(0.0, 1.0, s)[:, None, None]
-    img = np.ascontiguousarray((top * (1 - ramp) + bottom * ramp).repeat(s, 1).astype(np.uint8))
-    cx, cy = 32 + rng.uniform(-2.5, 2.5), 35 + rng.uniform(-2.0, 2.0)
-    fw, fh = rng.uniform(14, 17), rng.uniform(18, 21)
-    skin = tuple(int(c) for c in SKIN_TONES[rng.integers(len(SKIN_TONES))])
-    hair_colour = tuple(int(c) for c in HAIR_COLOURS[rng.integers(len(HAIR_COLOURS)) if hair is None
-                                                     else hair])
+    img = face["top"] * (1 - ramp) + face["bottom"] * ramp
+    img = np.ascontiguousarray(img.repeat(s, 1).astype(np.uint8))
+    cx, cy, fw, fh = face["cx"], face["cy"], face["fw"], face["fh"]
+    skin = tuple(int(c) for c in SKIN_TONES[face["skin"]])
+    hair_colour = tuple(int(c) for c in HAIR_COLOURS[face["hair"]])
     cv2.ellipse(img, pt(cx, cy - 4), pt(fw + 3, fh + 2), 0, 180, 360, hair_colour, -1, cv2.LINE_AA)
     cv2.ellipse(img, pt(cx, cy), pt(fw, fh), 0, 0, 360, skin, -1, cv2.LINE_AA)
-    cv2.ellipse(img, pt(cx, cy - fh + 4), pt(fw + 1, rng.uniform(4, 8)), 0, 180, 360, hair_colour,
+    cv2.ellipse(img, pt(cx, cy - fh + 4), pt(fw + 1, face["fringe"]), 0, 180, 360, hair_colour,
                 -1, cv2.LINE_AA)
-    eye_y, eye_dx = cy - 3 + rng.uniform(-1, 1), rng.uniform(6, 7.5)
+    eye_y, eye_dx = face["eye_y"], face["eye_dx"]
     for side in (-1, 1):
         cv2.circle(img, pt(cx + side * eye_dx, eye_y), int(1.6 * u), (30, 30, 40), -1, cv2.LINE_AA)
     cv2.line(img, pt(cx, eye_y + 2), pt(cx - 1, eye_y + 7), tuple(int(c * 0.8) for c in skin),
              max(1, int(0.8 * u)), cv2.LINE_AA)
-    smile = rng.uniform(0.5, 3.0)
-    cv2.ellipse(img, pt(cx, cy + 9), pt(rng.uniform(3.5, 6), smile), 0, 0, 180, (150, 40, 50),
+    cv2.ellipse(img, pt(cx, cy + 9), pt(face["mouth"], face["smile"]), 0, 0, 180, (150, 40, 50),
                 max(1, int(u)), cv2.LINE_AA)
-    if glasses:
-        colour = tuple(int(c) for c in GLASSES_COLOURS[rng.integers(len(GLASSES_COLOURS))])
-        lens = rng.uniform(3.5, 4.5)
+    if glasses is not None:
+        colour = tuple(int(c) for c in GLASSES_COLOURS[glasses["colour"]])
+        lens = glasses["lens"]
         for side in (-1, 1):
             cv2.circle(img, pt(cx + side * eye_dx, eye_y), int(lens * u), colour, -1, cv2.LINE_AA)
         cv2.line(img, pt(cx - eye_dx + lens, eye_y), pt(cx + eye_dx - lens, eye_y), colour,
@@ -214,6 +230,20 @@ def draw_face(rng, size=64, glasses=False, hair=None):
             cv2.line(img, pt(cx + side * (eye_dx + lens), eye_y),
                      pt(cx + side * (fw + 0.5), eye_y - 1), colour, max(1, int(u)), cv2.LINE_AA)
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def draw_face(rng, size=64, glasses=False, hair=None):
+    """Draw a random cartoon face (HxWx3 uint8 RGB); `glasses` adds the accessory of domain A.
+
+    Pose, skin, hair, background and expression vary with `rng` (a numpy Generator); `hair`
+    forces one of HAIR_COLOURS by index."""
+    return render_face(*draw_face_parameters(rng, glasses, hair), size)
+
+
+def draw_face_parameters(rng, glasses=False, hair=None):
+    """(face parameters, glasses parameters or None) as draw_face draws them from `rng`."""
+    face = face_parameters(rng, hair)
+    return face, glasses_parameters(rng) if glasses else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1330,6 +1360,17 @@ def add_demo_arguments(p):
     p.add_argument("--dest", default="./demo_data", help="output folder")
     p.add_argument("--n_train", type=int, default=2000, help="training images per domain")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--ground_truth", action="store_true", help="also draw the perfect transfers "
+                   "and removals of the first test images, and their masks, into "
+                   "DEST/ground_truth (eval.py --ground_truth scores against them)")
+
+
+def make_demo_command(args):
+    """data.py demo: the two-domain demo set, and with --ground_truth its ground truth."""
+    print(make_demo(args.dest, args.n_train, size=args.size))
+    if args.ground_truth:
+        from ground_truth import write_ground_truth
+        print(write_ground_truth(args.dest, args.n_train, size=args.size))
 
 
 def add_ffhq_arguments(p):
@@ -1401,8 +1442,7 @@ def prepare_celeba(args):
 PREPARERS = {
     "celeba": (prepare_celeba.__doc__, add_celeba_arguments, prepare_celeba),
     "folders": (prepare_folders.__doc__, add_folders_arguments, prepare_folders),
-    "demo": (make_demo.__doc__, add_demo_arguments,
-             lambda a: print(make_demo(a.dest, a.n_train, size=a.size))),
+    "demo": (make_demo.__doc__, add_demo_arguments, lambda a: make_demo_command(a)),
     "ffhq": labelled_preparer(prepare_ffhq, add_ffhq_arguments),
     "afhq": labelled_preparer(prepare_afhq, add_afhq_arguments),
     "celebahq": labelled_preparer(prepare_celebahq, add_celebahq_arguments),

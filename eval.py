@@ -78,6 +78,9 @@ def build_parser():
       "split and domain (a fixed-seed subset of larger ones)")
     a("--vgg_weights", default="", help="--metrics: VGG16 ImageNet weights for the feature "
       "distance of diversity (default: the torch hub cache; never downloaded)")
+    a("--ground_truth", default="", help="CD: score the transfers against the ground truth of "
+      "a demo set (python data.py demo --dest DIR --ground_truth), into metrics_eval.json and "
+      "ground_truth_montage.png")
     a("--plot", action="store_true", help="draw the run's metrics.jsonl as loss_curves.png "
       "(into --out, default: the run folder)")
     return p
@@ -772,7 +775,10 @@ def overlord_metrics(model, cfg, done, args, vgg):
 BETTER = {"psnr": "higher", "mse": "lower", "linear": "lower, chance is best",
           "mlp": "lower, chance is best", "accuracy": "higher", "success": "higher",
           "success_changed": "higher", "unchanged_l1": "lower", "pixel_l1": "higher",
-          "vgg_l1": "higher"}
+          "vgg_l1": "higher", "region_mse": "lower", "outside_mse": "lower",
+          "transfer_gain": "higher (1 = the truth, 0 = B unchanged)",
+          "specific_gain": "higher (1 = the truth, <= 0: A's own glasses not transferred)",
+          "colour_share": "higher"}
 
 
 def metric_rows(metrics, prefix=""):
@@ -814,6 +820,35 @@ def image_side(cfg):
     return cfg["resize"] if cfg["method"] == "cd" else cfg["img_shape"][0]
 
 
+def ground_truth_scores(args, model, cfg, out):
+    """--ground_truth: the CD model's scores against a demo set's ground truth."""
+    from ground_truth import score_cd
+    if cfg["method"] != "cd":
+        raise UserError("--ground_truth scores content-disentanglement models")
+    scores, montage = score_cd(model, cfg, args.ground_truth, out)
+    print(montage)
+    return scores
+
+
+def evaluate_ground_truth(args, model, ckpt):
+    """--ground_truth alone: its scores printed and added to the metrics_eval.json of the
+    output folder (the other sections of an earlier --metrics run are kept)."""
+    out = make_output_dir(args.out or run_folder(args.load))
+    path = os.path.join(out, "metrics_eval.json")
+    report = {"method": "cd", "run": run_folder(args.load), "metrics": {}, "notes": [],
+              "images": {}, "data": os.path.abspath(args.ground_truth)}
+    if os.path.isfile(path):
+        with open(path) as f:
+            report = json.load(f)
+    report["trained"] = f"iteration {ckpt['step']}"
+    report["metrics"]["ground_truth"] = ground_truth_scores(args, model, ckpt["config"], out)
+    write_json(path, report)
+    print(metrics_table({**report, "metrics": {"ground_truth": report["metrics"]["ground_truth"]},
+                         "data": os.path.abspath(args.ground_truth), "notes": []}))
+    print(path)
+    return report
+
+
 def evaluate_metrics(args, model, ckpt):
     """--metrics: compute the method's metrics, print the table, write the JSON and samples."""
     cfg, method = ckpt["config"], ckpt["config"]["method"]
@@ -838,6 +873,8 @@ def evaluate_metrics(args, model, ckpt):
         notes += ol_notes
         trained = f"stages done: {', '.join(ckpt['done']) or 'none'}"
     out = make_output_dir(args.out or run_folder(args.load))
+    if args.ground_truth:
+        metrics["ground_truth"] = ground_truth_scores(args, model, cfg, out)
     report = {"method": method, "run": run_folder(args.load), "trained": trained,
               "data": os.path.abspath(args.data or cfg["root"]), "images": sizes,
               "settings": metrics_settings(args), "notes": notes, "metrics": metrics}
@@ -988,7 +1025,7 @@ def main_overlord(args, device):
 
 def main(argv=None):
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if (args.metrics or args.plot) and (args.img or args.pairs):
+    if (args.metrics or args.plot or args.ground_truth) and (args.img or args.pairs):
         raise UserError("--metrics and --plot work on the run and its data: leave out --img "
                         "and --pairs")
     if args.plot:
@@ -1005,6 +1042,8 @@ def main(argv=None):
     cfg, step = ckpt["config"], ckpt["step"]
     if args.metrics:
         evaluate_metrics(args, model, ckpt)
+    elif args.ground_truth:
+        evaluate_ground_truth(args, model, ckpt)
     elif args.pairs:
         apply(model, cfg, read_pairs(args.pairs, args.remove), args.remove, args.bs, device)
     elif args.img:

@@ -1,0 +1,203 @@
+"""Ground truth for the synthetic CD demo, and a model's transfers scored against it.
+
+The demo drawer makes every face from parameters (data.face_parameters), so it can also draw
+what a perfect model would output: test B_j wearing test A_i's glasses (A_i's colour and lens
+size, placed on B_j's eyes and fitted to its face width), and A_i without its glasses (the
+perfect removal). `python data.py demo --dest DIR --ground_truth` writes, into
+DIR/ground_truth/, for the first N test images of each domain at the demo's side S:
+    transfers.npy       uint8 (N, N, S, S, 3)  [i, j] = B_j wearing A_i's glasses
+    transfer_masks.npy  uint8 (N, N, S, S)     1 where [i, j] differs from B_j
+    removals.npy        uint8 (N, S, S, 3)     A_i without its glasses
+    masks_A.npy         uint8 (N, S, S)        1 where A_i differs from its removal
+    meta.json           count, size, seed, n_train, n_test, colours (A_i's colour index)
+`python eval.py --load RUN --ground_truth DIR` scores the run's model on DIR's test images.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+from utils import UserError, save_tiles, write_json
+
+GROUND_TRUTH_DIR = "ground_truth"
+GROUND_TRUTH_IMAGES = 32   # test images of each domain with ground truth (N x N transfers)
+CHANGED_LEVEL = 8          # a pixel is in the changed region when a channel moves this much (/255)
+CORE_LEVEL = 40            # a truth pixel within this of the glasses colour is lens, for colour
+MONTAGE_PAIRS = 8          # rows of (A, B, prediction, truth) in the montage
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing the ground truth
+
+def demo_test_parameters(n_train, n_test, seed):
+    """(face, glasses) parameters of every testA and testB image, replayed in make_demo's order
+    (the same random stream, nothing rendered)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for split in data.SPLITS:
+        count = n_train if split.startswith("train") else n_test
+        drawn = [data.draw_face_parameters(rng, glasses=split.endswith("A")) for _ in range(count)]
+        if split.startswith("test"):
+            params[split] = drawn
+    return params
+
+
+def changed(a, b):
+    """uint8 mask of the pixels where two renders differ visibly."""
+    return (np.abs(a.astype(np.int16) - b).max(axis=2) >= CHANGED_LEVEL).astype(np.uint8)
+
+
+def write_ground_truth(dest, n_train=2000, n_test=64, size=64, seed=0, count=GROUND_TRUTH_IMAGES):
+    """Draw the ground truth of make_demo(dest, n_train, n_test, size, seed) into
+    dest/ground_truth (layout in the module docstring); returns that folder."""
+    count = min(count, n_test)
+    params = demo_test_parameters(n_train, n_test, seed)
+    faces_a, faces_b = params["testA"][:count], params["testB"][:count]
+    folder = os.path.join(dest, GROUND_TRUTH_DIR)
+    os.makedirs(folder, exist_ok=True)
+    transfers = np.zeros((count, count, size, size, 3), np.uint8)
+    transfer_masks = np.zeros((count, count, size, size), np.uint8)
+    plain_b = [data.render_face(face, None, size) for face, _ in faces_b]
+    for i, (_, glasses) in enumerate(tqdm(faces_a, desc="drawing ground truth", leave=False)):
+        for j, (face, _) in enumerate(faces_b):
+            transfers[i, j] = data.render_face(face, glasses, size)
+            transfer_masks[i, j] = changed(transfers[i, j], plain_b[j])
+    removals = np.stack([data.render_face(face, None, size) for face, _ in faces_a])
+    with_glasses = [data.render_face(face, glasses, size) for face, glasses in faces_a]
+    masks_a = np.stack([changed(a, r) for a, r in zip(with_glasses, removals)])
+    for name, array in (("transfers", transfers), ("transfer_masks", transfer_masks),
+                        ("removals", removals), ("masks_A", masks_a)):
+        np.save(os.path.join(folder, f"{name}.npy"), array)
+    write_json(os.path.join(folder, "meta.json"), dict(
+        count=count, size=size, seed=seed, n_train=n_train, n_test=n_test,
+        colours=[glasses["colour"] for _, glasses in faces_a]))
+    return folder
+
+
+def read_ground_truth(root):
+    """The arrays and meta.json of root/ground_truth (or of `root` itself, if it is that
+    folder); UserError when they are not there."""
+    folder = root if os.path.isfile(os.path.join(root, "meta.json")) else \
+        os.path.join(root, GROUND_TRUTH_DIR)
+    if not os.path.isfile(os.path.join(folder, "meta.json")):
+        raise UserError(f"--ground_truth {root!r}: no ground truth there; draw it with "
+                        f"`python data.py demo --dest {root} --ground_truth`")
+    with open(os.path.join(folder, "meta.json")) as f:
+        truth = {"meta": json.load(f)}
+    for name in ("transfers", "transfer_masks", "removals", "masks_A"):
+        truth[name] = np.load(os.path.join(folder, f"{name}.npy"))
+    return truth
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring: region MSEs against the baselines, colour share, removal
+
+def to_unit(images, side):
+    """uint8 (..., S, S, 3) -> float tensor (..., 3, side, side) in [0, 1], area-resized."""
+    flat = images.reshape(-1, *images.shape[-3:])
+    resized = np.stack([data.resize_square(img, side) for img in flat])
+    t = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 255
+    return t.reshape(*images.shape[:-3], 3, side, side)
+
+
+def mask_at(masks, side):
+    """uint8 (..., S, S) masks -> bool tensor (..., 1, side, side): any covered pixel counts."""
+    flat = masks.reshape(-1, *masks.shape[-2:]).astype(np.float32)
+    resized = np.stack([data.resize_square(m[..., None].repeat(3, 2), side)[..., 0]
+                        for m in flat])
+    return torch.from_numpy(resized > 0).reshape(*masks.shape[:-2], 1, side, side)
+
+
+def region_mse(pred, truth, mask):
+    """Mean squared error over the pixels of `mask` (broadcast over the channels)."""
+    mask = mask.expand_as(truth).float()
+    return float(((pred - truth) ** 2 * mask).sum() / mask.sum().clamp_min(1))
+
+
+def nearest_colour(rgb):
+    """Index of the GLASSES_COLOURS entry nearest to an RGB triple (0-255)."""
+    palette = torch.tensor(data.GLASSES_COLOURS, dtype=torch.float32)
+    return int(((palette - rgb) ** 2).sum(1).argmin())
+
+
+def colour_share(pred, truth, colours):
+    """Share of transfers [i, j] whose mean colour over the truth's lens pixels is nearest to
+    A_i's glasses colour."""
+    palette = torch.tensor(data.GLASSES_COLOURS, dtype=torch.float32) / 255
+    hits, total = 0, 0
+    for i, colour in enumerate(colours):
+        core = ((truth[i] - palette[colour][:, None, None]).abs().amax(1)
+                < CORE_LEVEL / 255)                                          # (N, R, R)
+        for j in range(truth.shape[1]):
+            if core[j].any():
+                mean = pred[i, j][:, core[j]].mean(1) * 255
+                hits += nearest_colour(mean) == colour
+                total += 1
+    return hits / max(total, 1)
+
+
+@torch.no_grad()
+def predictions(model, x_a, x_b):
+    """(N_A, N_B, 3, R, R) in [0, 1]: pred[i, j] = B_j with A_i's separate code; and the
+    removals of A, (N_A, 3, R, R)."""
+    common_b = model.common_encoder(x_b)
+    separate_a = model.separate_encoder(x_a)
+    pred = torch.stack([model.decode(common_b, separate_a[i:i + 1].expand(len(x_b), -1, -1, -1))
+                        for i in range(len(x_a))])
+    removed = model.decode(model.common_encoder(x_a))
+    return (pred.clamp(-1, 1) + 1) / 2, (removed.clamp(-1, 1) + 1) / 2
+
+
+def test_images(root, count, cfg):
+    """The first `count` testA and testB images of `root` as the run's pipeline gives them."""
+    paths = data.domain_paths(root, splits=("testA", "testB"))
+    sets = [data.ImageFiles(paths[s][:count], cfg["crop"], cfg["resize"],
+                            cfg.get("interpolation", "area")) for s in ("testA", "testB")]
+    return [s.batch(range(count)) for s in sets]
+
+
+def score_transfers(pred, removed, truth, b, side):
+    """The scores of predictions (see predictions) against the ground truth at `side` px."""
+    true_t, masks = to_unit(truth["transfers"], side), mask_at(truth["transfer_masks"], side)
+    plain_b = b[None].expand_as(true_t)                    # the identity: B left unchanged
+    blind = true_t.mean(0, keepdim=True).expand_as(true_t)  # the best guess that ignores A
+    inside = {name: region_mse(p, true_t, masks) for name, p in
+              (("prediction", pred), ("B", plain_b), ("blind", blind))}
+    removals, masks_a = to_unit(truth["removals"], side), mask_at(truth["masks_A"], side)
+    return {
+        "region_mse": inside["prediction"], "outside_mse": region_mse(pred, true_t, ~masks),
+        "transfer_gain": 1 - inside["prediction"] / inside["B"],
+        "specific_gain": 1 - inside["prediction"] / inside["blind"],
+        "colour_share": colour_share(pred, true_t, truth["meta"]["colours"]),
+        "baselines": {"B": {"region_mse": inside["B"]}, "blind": {"region_mse": inside["blind"]}},
+        "removal": {"mse": float(((removed - removals) ** 2).mean()),
+                    "region_mse": region_mse(removed, removals, masks_a)}}
+
+
+def montage_tiles(a, b, pred, truth_t, n=MONTAGE_PAIRS):
+    """Rows of (A_i, B_j, prediction, truth) for n pairs spread over the set, in [0, 1]."""
+    count = len(a)
+    rows = []
+    for k in range(min(n, count)):
+        i, j = k, (3 * k + 1) % count
+        rows += [a[i], b[j], pred[i, j], truth_t[i, j]]
+    return torch.stack(rows)
+
+
+def score_cd(model, cfg, root, out):
+    """Score a CD model on root's ground truth: the dict of scores (written by the caller into
+    metrics_eval.json) and the montage out/ground_truth_montage.png."""
+    truth = read_ground_truth(root)
+    count, side = truth["meta"]["count"], cfg["resize"]
+    device = next(model.parameters()).device
+    x_a, x_b = (x.to(device) for x in test_images(root, count, cfg))
+    pred, removed = (t.float().cpu() for t in predictions(model, x_a, x_b))
+    a, b = ((x.float().cpu() + 1) / 2 for x in (x_a, x_b))
+    scores = {"images": count, "side": side, **score_transfers(pred, removed, truth, b, side)}
+    path = os.path.join(out, "ground_truth_montage.png")
+    save_tiles(montage_tiles(a, b, pred, to_unit(truth["transfers"], side)), path, nrow=4,
+               value_range=(0.0, 1.0))
+    return scores, path

@@ -1,0 +1,110 @@
+"""The demo's ground truth (data.py demo --ground_truth) and the scorer (eval.py --ground_truth)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import eval as evaluate
+import ground_truth as gt
+import train
+from conftest import TINY_CD
+from utils import UserError
+
+N_TRAIN, N_TEST, SIZE, COUNT = 8, 64, 32, 5  # data.py demo draws 64 test images
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    dest = str(tmp_path_factory.mktemp("gt") / "demo")
+    data.main(["demo", "--dest", dest, "--n_train", str(N_TRAIN), "--size", str(SIZE)])
+    gt.write_ground_truth(dest, N_TRAIN, N_TEST, SIZE, count=COUNT)
+    return dest
+
+
+def test_the_drawer_is_the_same_with_parameters():
+    rng, replay = np.random.default_rng(5), np.random.default_rng(5)
+    for glasses in (False, True, True):
+        img = data.draw_face(rng, 32, glasses=glasses)
+        assert np.array_equal(img, data.render_face(*data.draw_face_parameters(replay, glasses),
+                                                    32))
+
+
+def test_ground_truth_puts_a_i_glasses_on_b_j_at_b_j_eyes(demo):
+    truth = gt.read_ground_truth(demo)
+    paths = data.domain_paths(demo, splits=("testA", "testB"))
+    a = [data.read_image(p) for p in paths["testA"][:COUNT]]
+    b = [data.read_image(p) for p in paths["testB"][:COUNT]]
+    assert truth["transfers"].shape == (COUNT, COUNT, SIZE, SIZE, 3)
+    params = gt.demo_test_parameters(N_TRAIN, N_TEST, 0)
+    for i in range(COUNT):
+        colour = np.array(data.GLASSES_COLOURS[truth["meta"]["colours"][i]])
+        for j in range(COUNT):
+            t, mask = truth["transfers"][i, j].astype(int), truth["transfer_masks"][i, j] > 0
+            # the mask lies where the transfer differs from B_j, and nowhere else visibly
+            assert mask.any() and np.abs(t - b[j])[~mask].max() < gt.CHANGED_LEVEL
+            assert (np.abs(t - b[j]).max(2)[mask] >= gt.CHANGED_LEVEL).all()
+            # A_i's colour, centred on B_j's eyes (64-px frame scaled to SIZE)
+            face = params["testB"][j][0]
+            for side in (-1, 1):
+                x = int((face["cx"] + side * face["eye_dx"]) * SIZE / 64)
+                y = int(face["eye_y"] * SIZE / 64)
+                assert np.abs(t[y, x] - colour).max() < 40
+        assert np.array_equal(a[i], data.render_face(*params["testA"][i], SIZE))
+        removal = truth["removals"][i].astype(int)
+        visible = np.abs(removal - a[i]).max(2) >= gt.CHANGED_LEVEL
+        assert visible.sum() == truth["masks_A"][i].sum()
+
+
+def test_scores_of_the_truth_the_blind_mean_and_b(demo):
+    truth = gt.read_ground_truth(demo)
+    side = 16
+    true_t = gt.to_unit(truth["transfers"], side)
+    b = gt.to_unit(np.stack([data.read_image(p) for p in
+                             data.domain_paths(demo)["testB"][:COUNT]]), side)
+    removals = gt.to_unit(truth["removals"], side)
+    perfect = gt.score_transfers(true_t, removals, truth, b, side)
+    assert perfect["specific_gain"] == 1 and perfect["transfer_gain"] == 1
+    assert perfect["region_mse"] == 0 and perfect["outside_mse"] == 0
+    assert perfect["colour_share"] == 1 and perfect["removal"]["mse"] == 0
+    blind = true_t.mean(0, keepdim=True).expand_as(true_t)
+    assert gt.score_transfers(blind, removals, truth, b, side)["specific_gain"] == \
+        pytest.approx(0, abs=1e-6)
+    unchanged = gt.score_transfers(b[None].expand_as(true_t), removals, truth, b, side)
+    assert unchanged["transfer_gain"] == pytest.approx(0, abs=1e-6)
+    assert unchanged["specific_gain"] < 0 and unchanged["outside_mse"] < 1e-4
+
+
+def test_region_mse_by_hand():
+    pred = torch.zeros(1, 3, 2, 2)
+    truth = torch.ones(1, 3, 2, 2)
+    truth[..., 0, 0] = 0.5
+    mask = torch.tensor([[[[True, False], [False, False]]]])
+    assert gt.region_mse(pred, truth, mask) == pytest.approx(0.25)
+    assert gt.region_mse(pred, truth, ~mask) == pytest.approx(1.0)
+
+
+def test_eval_ground_truth_writes_scores_and_montage(demo, tmp_path):
+    run = str(tmp_path / "run")
+    train.main(["--root", demo, "--iters", "2", "--out", run, *TINY_CD])
+    evaluate.main(["--load", run, "--ground_truth", demo, "--device", "cpu"])
+    report = json.load(open(os.path.join(run, "metrics_eval.json")))
+    scores = report["metrics"]["ground_truth"]
+    assert scores["images"] == COUNT and scores["side"] == 16
+    for key in ("region_mse", "outside_mse", "transfer_gain", "specific_gain", "colour_share"):
+        assert np.isfinite(scores[key]), key
+    assert 0 <= scores["colour_share"] <= 1 and scores["removal"]["mse"] >= 0
+    montage = data.read_image(os.path.join(run, "ground_truth_montage.png"))
+    assert montage.shape[1] == 4 * 16 + 5 * 2  # A, B, prediction, truth
+    # with --metrics the scores join the other sections of the same file
+    evaluate.main(["--load", run, "--metrics", "--metrics_images", "4", "--ground_truth", demo,
+                   "--device", "cpu"])
+    report = json.load(open(os.path.join(run, "metrics_eval.json")))
+    assert {"reconstruction", "leakage", "ground_truth"} <= set(report["metrics"])
+
+
+def test_missing_ground_truth_names_the_command(tmp_path):
+    with pytest.raises(UserError, match="data.py demo --dest"):
+        gt.read_ground_truth(str(tmp_path))
