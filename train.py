@@ -146,6 +146,9 @@ def resolve_config(argv):
             if key in explicit and cfg[key] != ckpt["config"].get(key, cfg[key]):
                 raise UserError(f"--load {args.load}: the checkpoint was trained with --{key} "
                                 f"{ckpt['config'][key]}, not {cfg[key]} (drop the flag)")
+        if ckpt.get("imported_from") and not cfg["root"]:
+            raise UserError(f"--load {args.load}: a seed's checkpoint, which does not say where "
+                            f"its data is: give --root")
     elif not args.root:
         cfg.update({k: v for k, v in DEMO_PRESET.items() if k not in explicit})
     for key, value in REPRODUCE.get(cfg["reproduce"], {}).items():
@@ -682,6 +685,9 @@ def resolve_overlord_config(argv):
         if args.config and args.config != cfg["preset"]:
             raise UserError(f"--load {args.load}: that run used --config {cfg['preset']}")
         args.root = args.root or cfg["root"]
+        if ckpt.get("imported_from") and not args.root:
+            raise UserError(f"--load {args.load}: an original OverLORD model, which does not say "
+                            f"where its data is: give --root (a prepared set)")
     else:
         name = args.config or ("demo" if not args.root else None)
         if name is None:

@@ -133,14 +133,22 @@ def checkpoint_path(path):
 
 def load_checkpoint(path, method=None):
     """Load a checkpoint written by save_checkpoint (for `method`, if given) or raise UserError."""
+    import checkpoint_import  # here: it imports models, which imports this module
     file = checkpoint_path(path)
-    if not os.path.exists(file):
+    original = checkpoint_import.overlord_folder(path)
+    if original is not None:  # avivga/overlord's config.pkl, latent.pth, amortized.pth
+        ckpt = checkpoint_import.import_overlord(original)
+    elif not os.path.exists(file):
         raise UserError(f"--load {path!r}: no checkpoint there (expected a file or a folder "
-                        f"holding '{CHECKPOINT_NAME}')")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception:
-        raise UserError(f"--load {path!r}: {file} is not a checkpoint of this program") from None
+                        f"holding '{CHECKPOINT_NAME}', or an original OverLORD model folder)")
+    else:
+        try:
+            ckpt = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception:
+            raise UserError(f"--load {path!r}: {file} is not a checkpoint of this program") \
+                from None
+        if checkpoint_import.is_kozistr_checkpoint(ckpt):
+            ckpt = checkpoint_import.import_kozistr(ckpt, file)
     if not isinstance(ckpt, dict) or "format_version" not in ckpt or "config" not in ckpt:
         raise UserError(f"--load {path!r}: {file} is not a checkpoint of this program")
     if ckpt["format_version"] > FORMAT_VERSION:
