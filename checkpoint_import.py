@@ -263,6 +263,9 @@ def overlay(preset, original):
     return preset
 
 
+ORIGINAL_CELEBA_CROP, ORIGINAL_CELEBA_WIDTH = 128, 178  # its preprocessing's crop (SPEC G)
+
+
 def overlord_config(original, sizes, what):
     """This project's config for the original's model: preset, config.pkl's settings, sizes."""
     name = choose_preset(original, sizes, what)
@@ -287,6 +290,8 @@ def overlord_config(original, sizes, what):
     cfg.update(preset=name, method="overlord", seed=0, root="", img_shape=[sizes["side"]] * 2 + [3],
                **{k: sizes[k] for k in ("n_imgs", "n_labels", "label_dim", "uncorrelated_dim",
                                         "correlated_dim")})
+    if name == "celeba":  # the original cut 128 px from the middle of 178x218 aligned CelebA
+        cfg.update(input_crop=ORIGINAL_CELEBA_CROP, input_crop_of=ORIGINAL_CELEBA_WIDTH)
     cfg["generator"]["max_width"] = sizes["generator_width"]  # = min(512, max_width)
     if "encoder_base" in sizes:
         cfg["encoder"].update(base=sizes["encoder_base"], max_width=sizes["encoder_width"])

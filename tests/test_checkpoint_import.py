@@ -16,7 +16,7 @@ import torch.nn as nn
 from conftest import make_two_domains, run_script
 import checkpoint_import
 from data import draw_face, read_image, write_image
-from eval import load_input, to_uint8, translate_by_reference, translate_to_every_label
+from eval import load_input, to_uint8, translate_by_reference, translate_to_each_label
 from models import build_cd, build_overlord
 from train import PRESETS
 from utils import UserError, load_checkpoint
@@ -156,7 +156,8 @@ def test_uncorrelated_folder_imports_and_manipulates_by_label(tmp_path):
                         "--device", "cpu")
     assert result.returncode == 0, result.stderr
     with torch.no_grad():
-        row = translate_to_every_label(model, load_input(face, 0, 16, "image", signed=False))[0]
+        x = load_input(face, 0, 16, "image", signed=False)
+        row = translate_to_each_label(model, x, range(cfg["n_labels"]))[0]
     expected = to_uint8(torch.cat(list(row), 2), low=0.0)
     got = read_image(str(out))
     assert got.shape == (16, 16 * (cfg["n_labels"] + 1), 3)
