@@ -9,8 +9,8 @@ Styles:
   centres and mouth corners define an oriented square, the quad. A photo much larger than the
   quad is first shrunk by an integer factor; it is cropped to the quad plus a 10% border; where
   the quad leaves the photo, it is padded by reflection, the pad blurred and faded toward the
-  median colour; then the quad is resampled bilinearly to 4096 px and area-averaged to --size.
-  Output: size x size.
+  median colour; then the quad is resampled bilinearly to 4096 px and area-averaged to --size
+  (the recipe: PIL's Lanczos). Output: size x size.
 - celeba (the celeba model and CD): the framing of CelebA's img_align_celeba, a 178 x 218 frame
   made by a similarity transform that puts the two eye centres and the mouth centre at fixed
   points (CELEBA_POINTS). Output: the whole frame, `size` wide and celeba_height(size) tall;
@@ -31,6 +31,8 @@ Public interface (the face metrics reuse the landmarks):
     align_celeba(rgb, landmarks, size) -> (celeba_height(size), size, 3) uint8
     align_image(rgb, finder, size, style) -> (aligned uint8 or None, message; '' if all went well)
     align_folder(root, dest, size, style, landmarks_path)  the `data.py align` command
+    model_framing(cfg, style=None) -> (style, size)  the framing of a model's training faces
+    align_jobs(jobs, cfg, style, landmarks_path)     eval.py --align
 Coordinates are in pixels with pixel centres at integers (dlib's and OpenCV's convention).
 """
 import importlib.util
@@ -49,11 +51,11 @@ ALIGN_INSTALL = "pip install -r requirements-align.txt"
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 STYLES = ("ffhq", "celeba")
 DEFAULT_SIZES = {"ffhq": 256, "celeba": 178}  # celeba: 178 = img_align_celeba's own width
-DETECT_SIDE = 1280        # photos are searched for faces at most this large (the landmarks are not)
-DETECT_THRESHOLD = 0.3    # dlib detector score; weaker hits are mostly patterns (the astronaut's patch)
-MAX_ENLARGEMENT = 2.0     # a face blown up more than this is a blur, not a face of the dataset's kind
+DETECT_SIDE = 1280      # faces are searched for at most this large (landmarks at full size)
+DETECT_THRESHOLD = 0.3  # dlib detector score; weaker hits are mostly patterns (a mission patch)
+MAX_ENLARGEMENT = 2.0   # a face blown up more than this is a blur, not a face of the dataset's kind
+MIN_DETECTABLE = 80     # dlib's detector finds faces of about 80 px (40 px when upsampling)
 NO_FACE = "no face found"
-MIN_DETECTABLE = 80       # dlib's detector finds faces of about 80 px (40 px when upsampling)
 
 # dlib's 68 points: eye contours 36-41 and 42-47 (image left, image right), mouth corners 48, 54
 LEFT_EYE, RIGHT_EYE, MOUTH_LEFT, MOUTH_RIGHT = slice(36, 42), slice(42, 48), 48, 54
@@ -61,10 +63,11 @@ LEFT_EYE, RIGHT_EYE, MOUTH_LEFT, MOUTH_RIGHT = slice(36, 42), slice(42, 48), 48,
 FFHQ_TRANSFORM_SIZE = 4096  # the recipe resamples the quad at this side, then downsizes
 
 # img_align_celeba: 178 x 218, made by a least-squares similarity that maps the eye centres and the
-# mouth centre to these points. They are the MATLAB routine published as CelebA's alignment
-# (align_face_celeba: (70.745, 112), (108.237, 112), (89.432, 153.514), 1-based) moved to 0-based
-# pixels; the means of the dataset's list_landmarks_align_celeba.txt agree to a pixel (eyes
-# (69, 111) and (108, 111), mouth corners (72, 152) and (105, 152)).
+# mouth centre to these points: those of a MATLAB routine published as CelebA's alignment
+# (align_face_celeba: (70.745, 112), (108.237, 112), (89.432, 153.514), 1-based), in 0-based
+# pixels. The means of the dataset's list_landmarks_align_celeba.txt, as quoted in
+# podgorskiy/ALAE's alignment script, agree to a pixel: eyes (69, 111) and (108, 111), mouth
+# corners (72, 152) and (105, 152).
 CELEBA_FRAME = (178, 218)  # width, height
 CELEBA_POINTS = np.array([(69.745, 111.0), (107.237, 111.0), (88.432, 152.514)])
 
@@ -134,7 +137,8 @@ class FaceLandmarks:
 # Geometry: landmarks -> transform (pure numpy, no dlib)
 
 def eyes_and_mouth(landmarks):
-    """(left eye centre, right eye centre, mouth centre) of (68, 2) landmarks; 'left' = image left."""
+    """(left eye centre, right eye centre, mouth centre) of (68, 2) landmarks (left = image
+    left)."""
     lm = np.asarray(landmarks, dtype=np.float64)
     return (lm[LEFT_EYE].mean(0), lm[RIGHT_EYE].mean(0), (lm[MOUTH_LEFT] + lm[MOUTH_RIGHT]) / 2)
 
@@ -219,7 +223,8 @@ def shrink(rgb, factor):
 
 
 def quad_bounds(quad):
-    """(left, top, right, bottom) integer bounds of a quad (floor of the mins, ceil of the maxes)."""
+    """(left, top, right, bottom) integer bounds of a quad: floor of the mins, ceil of the
+    maxes."""
     return (*np.floor(quad.min(0)).astype(int), *np.ceil(quad.max(0)).astype(int))
 
 
@@ -310,7 +315,8 @@ def align_image(rgb, finder, size, style="ffhq"):
     magnified = enlargement(TRANSFORMS[style](landmarks, size))
     if magnified > MAX_ENLARGEMENT:
         return None, (f"the face is too small for --size {size}: it would be enlarged "
-                      f"{magnified:.1f}x (at most {MAX_ENLARGEMENT:g}x); a smaller --size aligns it")
+                      f"{magnified:.1f}x (at most {MAX_ENLARGEMENT:g}x); a smaller --size "
+                      f"aligns it")
     note = f"{len(faces)} faces found; aligned the largest" if len(faces) > 1 else ""
     return ALIGNERS[style](rgb, landmarks, size), note
 
