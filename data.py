@@ -14,6 +14,8 @@ prepared folder (images.npy, labels.npy, ...; the format heads data.py's "OverLO
     python data.py labeled --root DIR --dest ol/mine                   # DIR/<label>/*.png
     python data.py labeled --csv list.csv --dest ol/mine               # path,label lines
     python data.py demo_labeled --dest ol/demo           # synthetic faces, 3 hair colours, masks
+Photos of faces, aligned first as FFHQ (ffhq, celebahq) or CelebA (celeba) were (face_align.py):
+    python data.py align --root photos/ --dest aligned/ --size 256 --style ffhq
 """
 import argparse
 import csv
@@ -1438,6 +1440,17 @@ def prepare_celeba(args):
         run_labelled(prepare_celeba_identities, args)
 
 
+def align_faces(args):
+    """Faces in photos aligned as FFHQ or CelebA were (dlib; requirements-align.txt)."""
+    import face_align  # imported here, not at the top: face_align builds on this module
+    face_align.run_align(args)
+
+
+def add_align_arguments(p):
+    import face_align
+    face_align.add_align_arguments(p)
+
+
 # subcommand -> (what it does, adds its flags, runs it)
 PREPARERS = {
     "celeba": (prepare_celeba.__doc__, add_celeba_arguments, prepare_celeba),
@@ -1448,6 +1461,7 @@ PREPARERS = {
     "celebahq": labelled_preparer(prepare_celebahq, add_celebahq_arguments),
     "labeled": labelled_preparer(prepare_labeled, add_labeled_arguments),
     "demo_labeled": labelled_preparer(make_demo_labeled, add_demo_labeled_arguments),
+    "align": (align_faces.__doc__, add_align_arguments, align_faces),
 }
 
 

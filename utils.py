@@ -225,6 +225,45 @@ def save_tiles(tiles, path, nrow, value_range=(-1.0, 1.0)):
     os.replace(tmp, path)
 
 
+TENSORBOARD_INSTALL = "pip install -r requirements-tensorboard.txt"
+
+
+class TensorBoard:
+    """--tensorboard: each metrics line as scalars and each grid as an image, in RUN/tensorboard.
+    Does nothing when off or on a process other than the main one."""
+
+    def __init__(self, run_dir, enabled, main=True):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError(f"--tensorboard needs the tensorboard package: {TENSORBOARD_INSTALL} "
+                            f"(or train without it: --no-tensorboard)") from None
+        if main:
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def scalars(self, record, step, prefix=""):
+        """Every number of a metrics record (but the step counters) as a scalar at `step`."""
+        if self.writer is None:
+            return
+        for name, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and name not in ("step", "epoch"):
+                self.writer.add_scalar(prefix + name, value, step)
+        self.writer.flush()
+
+    def image_file(self, tag, path, step):
+        """The grid PNG at `path`, exactly as written, as image `tag` at `step`."""
+        if self.writer is None:
+            return
+        import cv2
+        rgb = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        self.writer.add_image(tag, rgb, step, dataformats="HWC")
+        self.writer.flush()
+
+
 class StopRequest:
     """Turns the first Ctrl-C or SIGTERM into a request to stop after the current step (so the
     checkpoint saved then is a clean one); a second Ctrl-C interrupts at once."""
