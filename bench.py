@@ -16,11 +16,14 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import platform
 import random
 import resource
 import shlex
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,6 +77,10 @@ def build_parser():
     a("--breakdown", action="store_true",
       help="also profile each step: the convolutions' share of its time and their FLOP/s "
       "against the peak, forward and backward apart")
+    a("--quality", action="store_true", help="CD time-to-quality instead: train.py on a demo set "
+      "with ground truth (--data, else one drawn at --resize) for --minutes of wall time, then "
+      "score it as eval.py --ground_truth does; --cd_flags adds training flags")
+    a("--minutes", type=float, default=5.0, help="--quality: wall time of the training run")
     a("--json", default="", help="also write the report as JSON to this path")
     return p
 
@@ -473,11 +480,80 @@ def print_report(report):
         print(f"note: {note}")
 
 
+# ------------------------------------------------------------------------------------------------
+# Time to quality (--quality): a real training run for a fixed wall time, scored on ground truth
+
+QUALITY_DEMO_TRAIN = 2000  # training images per domain of the demo set --quality draws
+
+
+def quality_data(args, folder):
+    """--data if given (it must hold ground truth), else a demo set drawn into `folder`."""
+    import ground_truth
+    if args.data:
+        ground_truth.read_ground_truth(args.data)
+        return args.data
+    root = data.make_demo(os.path.join(folder, "demo"), QUALITY_DEMO_TRAIN, size=args.resize)
+    ground_truth.write_ground_truth(root, QUALITY_DEMO_TRAIN, size=args.resize)
+    return root
+
+
+def train_for(minutes, cmd):
+    """Run train.py (`cmd`) for `minutes` of wall time, then SIGTERM its process group: it
+    finishes its step and saves. Returns its stderr's last lines when it failed."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=minutes * 60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate()
+    if proc.returncode not in (0, 130):
+        raise UserError(f"--quality: train.py failed: {err.strip().splitlines()[-1:]}")
+
+
+def quality_report(args):
+    """Train for --minutes, then the ground-truth scores of the saved model."""
+    import eval as evaluate
+    import ground_truth
+    if args.minutes <= 0:
+        raise UserError("--minutes must be positive")
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory() as folder:
+        root, run = quality_data(args, folder), os.path.join(folder, "run")
+        flags = ["--root", root, "--out", run, "--resize", str(args.resize), "--bs",
+                 str(args.bs), "--crop", "0", "--iters", str(10**9), "--save_iter", str(10**9),
+                 "--display_iter", str(10**9), "--progress_iter", "50", "--device", str(device),
+                 *shlex.split(args.cd_flags)]
+        start = time.perf_counter()
+        train_for(args.minutes, [sys.executable, os.path.join(os.path.dirname(
+            os.path.abspath(__file__)), "train.py"), *flags])
+        seconds = time.perf_counter() - start
+        model, ckpt = evaluate.load_model(run, device)
+        scores, _ = ground_truth.score_cd(model, ckpt["config"], root, folder)
+    return {"device": f"{device} ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__, "settings": vars(args), "train_flags": flags[4:],
+            "minutes": seconds / 60, "iterations": ckpt["step"], "ground_truth": scores}
+
+
+def print_quality(report):
+    """The time-to-quality report as lines."""
+    g = report["ground_truth"]
+    print(f"{report['device']}, torch {report['torch']}: {report['iterations']} iterations in "
+          f"{report['minutes']:.1f} min ({' '.join(report['train_flags'])})")
+    for key in ("specific_gain", "transfer_gain", "colour_share", "region_mse", "outside_mse"):
+        print(f"{key:<16}{g[key]:10.4f}")
+    print(f"{'removal mse':<16}{g['removal']['mse']:10.4f}")
+
+
 def main(argv=None):
     """Parse the flags, run the bench, print the table and write the JSON."""
     args = build_parser().parse_args(argv)
-    report = run_bench(args)
-    print_report(report)
+    if args.quality:
+        report = quality_report(args)
+        print_quality(report)
+    else:
+        report = run_bench(args)
+        print_report(report)
     if args.json:
         write_json(args.json, report)
 

@@ -108,3 +108,15 @@ def test_eval_ground_truth_writes_scores_and_montage(demo, tmp_path):
 def test_missing_ground_truth_names_the_command(tmp_path):
     with pytest.raises(UserError, match="data.py demo --dest"):
         gt.read_ground_truth(str(tmp_path))
+
+
+def test_bench_quality_trains_then_scores(demo, tmp_path):
+    import bench
+    path = tmp_path / "quality.json"
+    # the run's own --iters ends it well before --minutes: the test never waits on the clock
+    flags = " ".join([*TINY_CD[:-2], "--iters", "3"])
+    bench.main(["--quality", "--data", demo, "--resize", "16", "--bs", "2", "--minutes", "10",
+                "--device", "cpu", "--cd_flags", flags, "--json", str(path)])
+    report = json.loads(path.read_text())
+    assert report["iterations"] == 3 and report["ground_truth"]["images"] == COUNT
+    assert np.isfinite(report["ground_truth"]["specific_gain"])
