@@ -785,8 +785,8 @@ BETTER = {"psnr": "higher", "mse": "lower", "linear": "lower, chance is best",
           "mlp": "lower, chance is best", "accuracy": "higher", "success": "higher",
           "success_changed": "higher", "unchanged_l1": "lower", "pixel_l1": "higher",
           "vgg_l1": "higher", "region_mse": "lower", "outside_mse": "lower",
-          "transfer_gain": "higher (1 = the truth, 0 = B unchanged)",
-          "specific_gain": "higher (1 = the truth, <= 0: A's own glasses not transferred)",
+          "transfer_gain": "higher, 1 = truth, 0 = B unchanged",
+          "specific_gain": "higher, 1 = truth, <= 0 = generic",
           "colour_share": "higher"}
 
 
@@ -851,6 +851,8 @@ def evaluate_ground_truth(args, model, ckpt):
             report = json.load(f)
     report["trained"] = f"iteration {ckpt['step']}"
     report["metrics"]["ground_truth"] = ground_truth_scores(args, model, ckpt["config"], out)
+    count = report["metrics"]["ground_truth"]["images"]
+    report["images"] = report["images"] or {"testA": count, "testB": count}
     write_json(path, report)
     print(metrics_table({**report, "metrics": {"ground_truth": report["metrics"]["ground_truth"]},
                          "data": os.path.abspath(args.ground_truth), "notes": []}))
