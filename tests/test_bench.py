@@ -115,8 +115,12 @@ def test_breakdown_times_the_convolutions_forward_and_backward():
         assert convolutions[part]["peak_pct"] > 0
 
 def test_conv_peak_is_positive():
-    flops, shape = bench.conv_peak_flops(torch.device("cpu"), channels=8, side=8, target_s=1e-4)
+    flops, shape = bench.conv_peak_flops(torch.device("cpu"), shapes=((8, 8),), target_s=1e-4)
     assert flops > 0 and shape[0] >= 1 and shape[1:] == [8, 8, 8]
+    # several shapes: the fastest one is reported
+    flops, shape = bench.conv_peak_flops(torch.device("cpu"), shapes=((4, 4), (16, 8)),
+                                         target_s=1e-4)
+    assert flops > 0 and shape[1:] in ([4, 4, 4], [16, 8, 8])
 
 
 @pytest.mark.parametrize("extra, message", [(("--resize", "24"), "power of two"),
