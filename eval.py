@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from data import (ImageFiles, LabelledImages, check_images, domain_paths, load_prepared,
                   preprocess, read_image, write_image)
 from face_align import STYLES
-from models import VGGDistance, build_cd, build_overlord, find_vgg_weights
+from models import VGG_MIN_SIDE, VGGDistance, build_cd, build_overlord, find_vgg_weights
 from train import (GRID_IMAGES, collate_items, save_transfer_grid, translation_tiles,
                    view_for_correlated)
 from utils import (UserError, checkpoint_path, load_checkpoint, load_weights, make_output_dir,
@@ -374,7 +374,6 @@ DIVERSITY_IMAGES = 16       # images translated by several references each
 DIVERSITY_REFERENCES = 4    # references per image (OverLORD: per image and target label)
 MAX_TARGET_LABELS = 16      # OverLORD: labels translated to (a fixed-seed subset when more)
 SAMPLE_IMAGES = 8           # images shown in metrics_samples.png
-VGG_MIN_SIDE = 32           # VGG16's five poolings need images at least this large
 
 
 @contextlib.contextmanager

@@ -727,6 +727,7 @@ class Discriminator(nn.Module):
 # Perceptual distance: frozen VGG16 features, loaded only from local files (SPEC B3, B8)
 
 VGG16_WEIGHTS_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 checkpoint name
+VGG_MIN_SIDE = 32  # VGG16's five poolings need images at least this large
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
                 512, 512, 512, "M")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -834,6 +835,57 @@ class L1Distance(nn.Module):
 
     def forward(self, a, b):
         return (a - b).abs().flatten(1).mean(1).mean()
+
+
+BINOMIAL_5 = (1.0, 4.0, 6.0, 4.0, 1.0)  # the Gaussian-like blur of Burt & Adelson's pyramid
+LAPLACIAN_MIN_SIDE = 4                 # the low-pass residual is kept at no less than this side
+
+
+class Lap1Distance(nn.Module):
+    """Laplacian-pyramid L1 of GLO (Bojanowski, Joulin, Lopez-Paz & Szlam, "Optimizing the Latent
+    Space of Generative Networks", ICML 2018, Sec. 3.2), the loss GLO optimised its latents with:
+        Lap1(x, x') = sum_j 2^(2j) |L^j(x) - L^j(x')|_1,
+    L^j the j-th level of the Laplacian pyramid, j = 0 the finest band. Level j has 4^-j as many
+    pixels, so 2^(2j) weighs every level alike per pixel; divided here by the element count of
+    the full-size image, the loss is the sum over levels of the mean absolute band difference
+    (identical images give 0; a constant offset c gives |c|, all of it in the low-pass residual).
+    Bands are x minus the blurred, decimated and re-enlarged x; the last level is the residual.
+    Computed in float32 whatever autocast is active: the bands are small differences."""
+
+    def __init__(self, max_levels: Optional[int] = None):
+        super().__init__()
+        self.max_levels = max_levels  # band-pass levels; None = until the residual is small
+        taps = torch.tensor(BINOMIAL_5)
+        self.register_buffer("kernel", (taps[:, None] * taps[None, :] / taps.sum() ** 2)
+                             .reshape(1, 1, 5, 5), persistent=False)
+
+    def blur(self, x: torch.Tensor) -> torch.Tensor:
+        """5x5 binomial blur of every channel, reflect-padded (keeps the side)."""
+        c = x.shape[1]
+        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.kernel.expand(c, 1, 5, 5),
+                        groups=c)
+
+    def pyramid(self, x: torch.Tensor) -> list:
+        """[L^0, ..., L^J]: band-pass levels, finest first, then the low-pass residual."""
+        levels = []
+        while (min(x.shape[-2:]) >= 2 * LAPLACIAN_MIN_SIDE
+               and (self.max_levels is None or len(levels) < self.max_levels)):
+            low = self.blur(x)[..., ::2, ::2]                                # (N, C, H/2, W/2)
+            up = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            levels.append(x - up)
+            x = low
+        return levels + [x]
+
+    def forward(self, a, b):
+        with torch.autocast(a.device.type, enabled=False):
+            diff = a.float() - b.float()  # the pyramid is linear: L(a) - L(b) = L(a - b)
+            pixels = diff[0].numel()
+            per_image = sum(4 ** j * level.abs().flatten(1).sum(1)
+                            for j, level in enumerate(self.pyramid(diff)))   # (N,)
+            return (per_image / pixels).mean()
+
+    def extra_repr(self):
+        return f"max_levels={self.max_levels}"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from data import (INTERPOLATIONS, EndlessBatches, LabelledImages, domain_paths, endless_loader,
                   load_prepared, make_demo, make_demo_labeled, open_image_set)
-from models import (VGG16_WEIGHTS_FILE, CDConfig, L1Distance, VGGDistance, build_cd,
-                    build_overlord, find_vgg_weights)
+from models import (VGG16_WEIGHTS_FILE, VGG_MIN_SIDE, CDConfig, L1Distance, Lap1Distance,
+                    VGGDistance, build_cd, build_overlord, find_vgg_weights)
 from utils import (RunningMeans, StopRequest, TensorBoard, UserError, any_process, append_jsonl,
                    average_gradients, average_values, checkpoint_path, close_distributed,
                    init_distributed, load_checkpoint, load_weights, main_process_first,
@@ -45,6 +45,9 @@ DEMO_PRESET = dict(resize=32, crop=0, bs=16, iters=1500, sep=32, n_tot_feats=256
                    display_iter=250, save_iter=250, progress_iter=50, num_display=8, n_threads=2,
                    lr=5e-4, d_lr=5e-4)
 
+CD_DISTANCES = ("l2", "lap1", "vgg")        # --perceptual of CD (l2 = the seeds' MSE)
+OVERLORD_DISTANCES = ("vgg", "lap1", "l1")  # --perceptual of OverLORD; its presets may say "auto"
+
 # Fields that define the networks or their input: a resumed run must keep them.
 ARCHITECTURE_KEYS = tuple(CDConfig.__dataclass_fields__) + ("crop", "interpolation")
 
@@ -52,9 +55,9 @@ ARCHITECTURE_KEYS = tuple(CDConfig.__dataclass_fields__) + ("crop", "interpolati
 # The seed's loop comes with it: one call per encoder use, D unfrozen in the autoencoder step,
 # the D step's codes recomputed with gradients, plain Adam, and its layer arithmetic (ILN as
 # two normalised copies, nearest upsampling before the 3x3 conv). bench.py's seed row is this.
-REPRODUCE = {"kozistr": dict(e2_feats=512, d_codes="recompute", d_clip=0.0, sampler="epochs",
-                             interpolation="bilinear", amp="off", channels_last=False,
-                             compile=False)}
+REPRODUCE = {"kozistr": dict(perceptual="l2", e2_feats=512, d_codes="recompute", d_clip=0.0,
+                             sampler="epochs", interpolation="bilinear", amp="off",
+                             channels_last=False, compile=False)}
 
 # A run whose loss is not finite stops without saving. Under --amp fp16 the grad scaler skips
 # the steps whose gradients overflow (normal), so only this many non-finite steps in a row count.
@@ -90,6 +93,11 @@ def build_parser():
     a("--e2_feats", type=int, default=CDConfig.e2_feats,
       help="separate encoder base width; 512 reproduces kozistr's train.py exactly")
     a("--adv_weight", type=float, default=1e-3, help="weight of the adversarial term")
+    a("--perceptual", choices=CD_DISTANCES, default="l2", help="reconstruction distance: l2 "
+      "(the seeds' MSE), lap1 (GLO's Laplacian-pyramid L1) or vgg (pixel + frozen VGG16 "
+      "feature L1, as OverLORD; needs the weights)")
+    a("--vgg_weights", default="", help=f"--perceptual vgg: path of {VGG16_WEIGHTS_FILE} "
+      "(ImageNet VGG16); default: the torch hub cache. Never downloaded")
     a("--d_clip", type=float, default=5.0, help="gradient-norm clip of the discriminator; "
       "0 = none (the seeds' clip never ran)")
     a("--d_codes", choices=("reuse", "recompute"), default="reuse",
@@ -183,17 +191,17 @@ def r1_penalty(real_logits, real_images):
     return 0.5 * grad.pow(2).flatten(1).sum(1).mean()
 
 
-def autoencoder_losses(model, x_a, x_b, adv_weight):
-    """Reconstruction of A and B plus the term that pushes both common codes towards 'B'.
-    Returns (losses, common codes of [A, B])."""
+def autoencoder_losses(model, x_a, x_b, adv_weight, distance=F.mse_loss):
+    """Reconstruction of A and B (by `distance`, see reconstruction_distance) plus the term that
+    pushes both common codes towards 'B'. Returns (losses, common codes of [A, B])."""
     n = x_a.shape[0]
     common = model.common_encoder(torch.cat([x_a, x_b]))  # (2N, T-S, r, r); IN is per sample
     separate_a = model.separate_encoder(x_a)               # (N, S, r, r)
     separate = torch.cat([separate_a, model.zero_separate(common[n:])])
     recon = model.decode(common, separate)
     logits = model.latent_disc(common)
-    losses = {"recon_a": F.mse_loss(recon[:n].float(), x_a),
-              "recon_b": F.mse_loss(recon[n:].float(), x_b),
+    losses = {"recon_a": distance(recon[:n].float(), x_a),
+              "recon_b": distance(recon[n:].float(), x_b),
               "adv": adversarial_loss(logits[:n].float(), 0)
               + adversarial_loss(logits[n:].float(), 0)}
     losses["ae"] = losses["recon_a"] + losses["recon_b"] + adv_weight * losses["adv"]
@@ -204,6 +212,30 @@ def discriminator_loss(model, common, n):
     """The latent discriminator's loss on (detached) common codes: the first n are A."""
     logits = model.latent_disc(common).float()
     return adversarial_loss(logits[:n], 1) + adversarial_loss(logits[n:], 0)
+
+
+class SignedToUnit(torch.nn.Module):
+    """A distance of [0, 1] images applied to CD's [-1, 1] images."""
+
+    def __init__(self, distance):
+        super().__init__()
+        self.distance = distance
+
+    def forward(self, a, b):
+        return self.distance((a + 1) / 2, (b + 1) / 2)
+
+
+def reconstruction_distance(cfg, device):
+    """CD's reconstruction distance of --perceptual: MSE (the seeds'; F.mse_loss itself, so the
+    default is bit-identical), GLO's Lap1, or OverLORD's VGG16 distance on [0, 1] images."""
+    if cfg["perceptual"] == "l2":
+        return F.mse_loss
+    if cfg["perceptual"] == "lap1":
+        return Lap1Distance().to(device)
+    if cfg["resize"] < VGG_MIN_SIDE:
+        raise UserError(f"--perceptual vgg needs --resize {VGG_MIN_SIDE} or more (VGG16 halves "
+                        f"the side five times), not {cfg['resize']}")
+    return SignedToUnit(vgg_distance(weights_path=cfg["vgg_weights"])).to(device)
 
 
 def to_floats(losses):
@@ -262,7 +294,7 @@ def seed_train_step(model, x_a, x_b, ae_opt, d_opt, cfg):
     return losses  # tensors (train_step turns them into floats)
 
 
-def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None):
+def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None, distance=F.mse_loss):
     """One iteration: autoencoder step, discriminator step, ILN rho clamp. Returns float losses.
 
     cfg["d_codes"] = "reuse" trains the discriminator on the autoencoder step's common codes
@@ -273,7 +305,7 @@ def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None):
     amp = autocast(x_a.device, cfg.get("amp", "off"))
     model.latent_disc.requires_grad_(False)
     with amp:
-        losses, common = autoencoder_losses(model, x_a, x_b, cfg["adv_weight"])
+        losses, common = autoencoder_losses(model, x_a, x_b, cfg["adv_weight"], distance)
     optimise(ae_opt, losses["ae"], AE_CLIP_NORM, scaler)
 
     model.latent_disc.requires_grad_(True)
@@ -443,6 +475,7 @@ def main_cd(argv):
     model = model.to(memory_format=memory_format)
     scaler = torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None
     ae_opt, d_opt = cd_optimizers(model, cfg)
+    distance = reconstruction_distance(cfg, device)
 
     # resume
     step = 0
@@ -496,7 +529,7 @@ def main_cd(argv):
                     stopping = True
                     break
                 raise
-            losses = train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler)
+            losses = train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler, distance)
             step += 1
             stopping, diverged = any_process(stop.requested, watch.update(losses))
             if diverged:
@@ -668,8 +701,9 @@ def build_overlord_parser():
       help="override a config field, e.g. --set disentanglement.batch_size=8 (repeatable)")
     a("--vgg_weights", default="", help=f"path of {VGG16_WEIGHTS_FILE} (ImageNet VGG16); "
       "default: the torch hub cache. Never downloaded")
-    a("--perceptual", choices=("vgg", "l1"), default=None,
-      help="reconstruction distance: vgg (the original) or l1 (no weights needed, lower quality)")
+    a("--perceptual", choices=OVERLORD_DISTANCES, default=None,
+      help="reconstruction distance: vgg (the original), lap1 (GLO's Laplacian-pyramid L1) or "
+      "l1 (pixel L1); lap1 and l1 need no weights")
     a("--workers", type=int, default=2, help="DataLoader worker processes")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--seed", type=int, default=0, help="seed of codes, weights, data order and augmentation")
@@ -736,8 +770,20 @@ def check_batch_sizes(cfg, world):
                         f"than 4) images per process")
 
 
+def vgg_distance(layer_ids=None, normalize=True, weights_path=""):
+    """VGGDistance (its default layers unless given) from weights_path or the torch hub cache;
+    UserError with the ways out when the weights are absent or wrong."""
+    layers = {} if layer_ids is None else {"layer_ids": layer_ids}
+    try:
+        return VGGDistance(normalize=normalize, weights=weights_path or None, **layers)
+    except FileNotFoundError as e:
+        raise UserError(f"{e} (--vgg_weights PATH)") from None
+    except RuntimeError as e:
+        raise UserError(f"--vgg_weights: {e}") from None
+
+
 def build_perceptual(cfg, weights_path):
-    """The reconstruction distance: frozen VGG16 features, or the L1 fallback."""
+    """The reconstruction distance: frozen VGG16 features, or the offline Lap1 or L1."""
     kind = cfg["perceptual"]["kind"]
     if kind == "auto":
         kind = "vgg" if find_vgg_weights(weights_path or None) else "l1"
@@ -747,13 +793,13 @@ def build_perceptual(cfg, weights_path):
         cfg["perceptual"]["kind"] = kind
     if kind == "l1":
         return L1Distance()
-    try:
-        return VGGDistance(cfg["perceptual"]["layer_ids"], cfg["perceptual"]["normalize"],
-                           weights_path or None)
-    except FileNotFoundError as e:
-        raise UserError(f"{e} (--vgg_weights PATH)") from None
-    except RuntimeError as e:
-        raise UserError(f"--vgg_weights: {e}") from None
+    if kind == "lap1":
+        return Lap1Distance()
+    if kind != "vgg":
+        raise UserError(f"perceptual.kind {kind!r}: use auto or one of "
+                        f"{', '.join(OVERLORD_DISTANCES)}")
+    return vgg_distance(cfg["perceptual"]["layer_ids"], cfg["perceptual"]["normalize"],
+                        weights_path)
 
 
 def view_for_correlated(batch, cfg):
