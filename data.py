@@ -657,6 +657,7 @@ FORMAT_NAME = "overlord-labelled"
 FORMAT_VERSION = 1
 PREPARED_FILES = ("images.npy", "labels.npy", "label_names.json", "masks.npy", "meta.json")
 PARTIAL = ".partial"
+GROUND_TRUTH_DIR = "ground_truth"  # a demo set's ground truth (ground_truth.py), kept on redraws
 SHOWN_PROBLEMS = 3  # how many unusable files an error message names
 
 
@@ -688,9 +689,10 @@ def binary_mask(mask, size):
 # OverLORD: writing a prepared folder
 
 def is_own_file(name):
-    """True for the prepared-dataset files and the .partial leftovers of an interrupted run."""
-    return any(name == f or (name.startswith(f + ".") and name.endswith(PARTIAL))
-               for f in PREPARED_FILES)
+    """True for the prepared-dataset files, the .partial leftovers of an interrupted run and
+    the demo's ground-truth folder."""
+    return name == GROUND_TRUTH_DIR or any(
+        name == f or (name.startswith(f + ".") and name.endswith(PARTIAL)) for f in PREPARED_FILES)
 
 
 def check_dest(dest):
@@ -1406,6 +1408,17 @@ def add_demo_labeled_arguments(p):
     add_flag(p, make_demo_labeled, "seed", type=int, help="drawing seed")
     add_flag(p, make_demo_labeled, "masks", action=argparse.BooleanOptionalAction,
              help="also write hair masks (for the localized correlation)")
+    p.add_argument("--ground_truth", action="store_true", help="also draw held-out faces with "
+                   "every hair colour into DEST/ground_truth (eval.py --ground_truth scores an "
+                   "OverLORD model's translations against them)")
+
+
+def make_demo_labeled_command(args):
+    """data.py demo_labeled: the labelled demo set, and with --ground_truth its ground truth."""
+    run_labelled(make_demo_labeled, args)
+    if args.ground_truth:
+        from ground_truth import write_overlord_ground_truth
+        print(write_overlord_ground_truth(args.dest, args.size, args.seed))
 
 
 def run_labelled(prepare, args):
@@ -1460,7 +1473,8 @@ PREPARERS = {
     "afhq": labelled_preparer(prepare_afhq, add_afhq_arguments),
     "celebahq": labelled_preparer(prepare_celebahq, add_celebahq_arguments),
     "labeled": labelled_preparer(prepare_labeled, add_labeled_arguments),
-    "demo_labeled": labelled_preparer(make_demo_labeled, add_demo_labeled_arguments),
+    "demo_labeled": (*labelled_preparer(make_demo_labeled, add_demo_labeled_arguments)[:2],
+                     make_demo_labeled_command),
     "align": (align_faces.__doc__, add_align_arguments, align_faces),
 }
 

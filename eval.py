@@ -87,9 +87,9 @@ def build_parser():
       "split and domain (a fixed-seed subset of larger ones)")
     a("--vgg_weights", default="", help="--metrics: VGG16 ImageNet weights for the feature "
       "distance of diversity (default: the torch hub cache; never downloaded)")
-    a("--ground_truth", default="", help="CD: score the transfers against the ground truth of "
-      "a demo set (python data.py demo --dest DIR --ground_truth), into metrics_eval.json and "
-      "ground_truth_montage.png")
+    a("--ground_truth", default="", help="score the transfers (OverLORD: translations) against "
+      "the ground truth of a demo set (python data.py demo, or demo_labeled, --dest DIR "
+      "--ground_truth), into metrics_eval.json and ground_truth_montage.png")
     a("--plot", action="store_true", help="draw the run's metrics.jsonl as loss_curves.png "
       "(into --out, default: the run folder)")
     return p
@@ -829,13 +829,26 @@ def image_side(cfg):
 
 
 def ground_truth_scores(args, model, cfg, out):
-    """--ground_truth: the CD model's scores against a demo set's ground truth."""
-    from ground_truth import score_cd
-    if cfg["method"] != "cd":
-        raise UserError("--ground_truth scores content-disentanglement models")
+    """--ground_truth: the model's scores against a demo set's ground truth."""
+    from ground_truth import score_cd, score_overlord
+    if cfg["method"] == "overlord":
+        return printed_montage(*score_overlord(model, cfg, args.ground_truth, out))
     scores, montage = score_cd(model, cfg, args.ground_truth, out)
     print(montage)
     return scores
+
+
+def printed_montage(scores, montage):
+    """The scores, once the montage's path is printed."""
+    print(montage)
+    return scores
+
+
+def trained_for(ckpt):
+    """How far the checkpoint's model was trained, as the reports say it."""
+    if ckpt["config"]["method"] == "cd":
+        return f"iteration {ckpt['step']}"
+    return f"stages done: {', '.join(ckpt['done']) or 'none'}"
 
 
 def evaluate_ground_truth(args, model, ckpt):
@@ -843,15 +856,17 @@ def evaluate_ground_truth(args, model, ckpt):
     output folder (the other sections of an earlier --metrics run are kept)."""
     out = make_output_dir(args.out or run_folder(args.load))
     path = os.path.join(out, "metrics_eval.json")
-    report = {"method": "cd", "run": run_folder(args.load), "metrics": {}, "notes": [],
+    method = ckpt["config"]["method"]
+    report = {"method": method, "run": run_folder(args.load), "metrics": {}, "notes": [],
               "images": {}, "data": os.path.abspath(args.ground_truth)}
     if os.path.isfile(path):
         with open(path) as f:
             report = json.load(f)
-    report["trained"] = f"iteration {ckpt['step']}"
+    report["trained"] = trained_for(ckpt)
     report["metrics"]["ground_truth"] = ground_truth_scores(args, model, ckpt["config"], out)
     count = report["metrics"]["ground_truth"]["images"]
-    report["images"] = report["images"] or {"testA": count, "testB": count}
+    report["images"] = report["images"] or (
+        {"testA": count, "testB": count} if method == "cd" else {"ground_truth_faces": count})
     write_json(path, report)
     print(metrics_table({**report, "metrics": {"ground_truth": report["metrics"]["ground_truth"]},
                          "data": os.path.abspath(args.ground_truth), "notes": []}))
@@ -876,16 +891,14 @@ def evaluate_metrics(args, model, ckpt):
         images = cd_metric_images(args, cfg)
         metrics, tiles, per_row = cd_metrics(model, images, vgg)
         sizes = {split: len(v) for split, v in images.items()}
-        trained = f"iteration {ckpt['step']}"
     else:
         metrics, ol_notes, sizes, tiles, per_row = overlord_metrics(model, cfg, ckpt["done"],
                                                                     args, vgg)
         notes += ol_notes
-        trained = f"stages done: {', '.join(ckpt['done']) or 'none'}"
     out = make_output_dir(args.out or run_folder(args.load))
     if args.ground_truth:
         metrics["ground_truth"] = ground_truth_scores(args, model, cfg, out)
-    report = {"method": method, "run": run_folder(args.load), "trained": trained,
+    report = {"method": method, "run": run_folder(args.load), "trained": trained_for(ckpt),
               "data": os.path.abspath(args.data or cfg["root"]), "images": sizes,
               "settings": metrics_settings(args), "notes": notes, "metrics": metrics}
     write_json(os.path.join(out, "metrics_eval.json"), report)
@@ -1023,11 +1036,15 @@ def aligned(args, cfg, jobs):
 def main_overlord(args, device):
     model, ckpt = load_model(args.load, device, "overlord")
     cfg, done = ckpt["config"], ckpt["done"]
-    if args.metrics:
+    if args.metrics and not args.ground_truth:
         return evaluate_metrics(args, model, ckpt)
     if "amortization" not in done:
         raise UserError(f"--load {args.load}: finished stages {done or 'none'}; manipulation "
                         f"needs the amortisation stage (train on, then try again)")
+    if args.metrics:
+        return evaluate_metrics(args, model, ckpt)
+    if args.ground_truth:
+        return evaluate_ground_truth(args, model, ckpt)
     if args.remove:
         raise UserError("--remove is for content-disentanglement models")
     if args.pairs:

@@ -1,4 +1,4 @@
-"""Ground truth for the synthetic CD demo, and a model's transfers scored against it.
+"""Ground truth for the synthetic demos of both methods, and a model's outputs scored against it.
 
 The demo drawer makes every face from parameters (data.face_parameters), so it can also draw
 what a perfect model would output: test B_j wearing test A_i's glasses (A_i's colour and lens
@@ -22,7 +22,7 @@ from tqdm import tqdm
 import data
 from utils import UserError, save_tiles, write_json
 
-GROUND_TRUTH_DIR = "ground_truth"
+GROUND_TRUTH_DIR = data.GROUND_TRUTH_DIR
 GROUND_TRUTH_IMAGES = 32   # test images of each domain with ground truth (N x N transfers)
 CHANGED_LEVEL = 8          # a pixel is in the changed region when a channel moves this much (/255)
 CORE_LEVEL = 40            # a truth pixel within this of the glasses colour is lens, for colour
@@ -77,17 +77,29 @@ def write_ground_truth(dest, n_train=2000, n_test=64, size=64, seed=0, count=GRO
     return folder
 
 
-def read_ground_truth(root):
+# method -> (the arrays of its ground truth, the data.py command that draws it)
+GROUND_TRUTH_KINDS = {"cd": (("transfers", "transfer_masks", "removals", "masks_A"), "demo"),
+                      "overlord": (("faces", "labels", "translations", "changed_masks"),
+                                   "demo_labeled")}
+
+
+def read_ground_truth(root, method="cd"):
     """The arrays and meta.json of root/ground_truth (or of `root` itself, if it is that
-    folder); UserError when they are not there."""
-    folder = root if os.path.isfile(os.path.join(root, "meta.json")) else \
-        os.path.join(root, GROUND_TRUTH_DIR)
+    folder) drawn for `method`'s demo; UserError when they are not there or are another's."""
+    names, command = GROUND_TRUTH_KINDS[method]
+    folder = os.path.join(root, GROUND_TRUTH_DIR)
     if not os.path.isfile(os.path.join(folder, "meta.json")):
-        raise UserError(f"--ground_truth {root!r}: no ground truth there; draw it with "
-                        f"`python data.py demo --dest {root} --ground_truth`")
+        folder = root  # a prepared OverLORD set has a meta.json of its own, so look inside first
+    draw = f"draw it with `python data.py {command} --dest {root} --ground_truth`"
+    if not os.path.isfile(os.path.join(folder, "meta.json")):
+        raise UserError(f"--ground_truth {root!r}: no ground truth there; {draw}")
     with open(os.path.join(folder, "meta.json")) as f:
         truth = {"meta": json.load(f)}
-    for name in ("transfers", "transfer_masks", "removals", "masks_A"):
+    drawn_for = truth["meta"].get("method", "cd")  # the CD writer predates the field
+    if drawn_for != method:
+        raise UserError(f"--ground_truth {root!r} is the ground truth of the {drawn_for} demo, "
+                        f"not of a {method} model's; {draw}")
+    for name in names:
         truth[name] = np.load(os.path.join(folder, f"{name}.npy"))
     return truth
 
@@ -117,9 +129,9 @@ def region_mse(pred, truth, mask):
     return float(((pred - truth) ** 2 * mask).sum() / mask.sum().clamp_min(1))
 
 
-def nearest_colour(rgb):
-    """Index of the GLASSES_COLOURS entry nearest to an RGB triple (0-255)."""
-    palette = torch.tensor(data.GLASSES_COLOURS, dtype=torch.float32)
+def nearest_colour(rgb, palette=data.GLASSES_COLOURS):
+    """Index of the palette entry (default: GLASSES_COLOURS) nearest to an RGB triple (0-255)."""
+    palette = torch.tensor(palette, dtype=torch.float32)
     return int(((palette - rgb) ** 2).sum(1).argmin())
 
 
@@ -200,4 +212,125 @@ def score_cd(model, cfg, root, out):
     path = os.path.join(out, "ground_truth_montage.png")
     save_tiles(montage_tiles(a, b, pred, to_unit(truth["transfers"], side)), path, nrow=4,
                value_range=(0.0, 1.0))
+    return scores, path
+
+
+# ------------------------------------------------------------------------------------------------
+# OverLORD: held-out faces of the labelled demo, each drawn with every label's hair colour
+#
+# The labelled demo (data.make_demo_labeled) draws face i from the random stream [seed, i] with
+# its label's hair colour forced, so the same stream with another colour is that face's perfect
+# translation. `python data.py demo_labeled --dest DIR --size S --ground_truth` writes, into
+# DIR/ground_truth/, for N faces that no demo set trains on (stream indices from HELD_OUT_INDEX)
+# and the K labels of the demo (label k = data.DEMO_HAIR's k-th colour):
+#     faces.npy          uint8 (N, S, S, 3)     face n with its own hair colour
+#     labels.npy         int64 (N,)             face n's own label
+#     translations.npy   uint8 (N, K, S, S, 3)  [n, k] = face n with label k's hair colour
+#     changed_masks.npy  uint8 (N, K, S, S)     1 where [n, k] differs from face n
+#     meta.json          method "overlord", count, size, seed, first_index, labels (names),
+#                        hair_rgb (each label's colour), glasses (per face)
+
+OVERLORD_GROUND_TRUTH_FACES = 60  # a multiple of 6: each (label, glasses) pair equally often
+HELD_OUT_INDEX = 1_000_000        # stream index of the first held-out face; demo sets are smaller
+
+
+def write_overlord_ground_truth(dest, size, seed, count=OVERLORD_GROUND_TRUTH_FACES):
+    """Draw the ground truth of the labelled demo of (size, seed) into dest/ground_truth (layout
+    above); returns that folder."""
+    names = list(data.DEMO_HAIR)
+    own = np.arange(count) % len(names)
+    glasses = np.arange(count) % 2 == 1
+    translations = np.zeros((count, len(names), size, size, 3), np.uint8)
+    for n in tqdm(range(count), desc="drawing ground truth", leave=False):
+        for k, name in enumerate(names):
+            translations[n, k] = data.draw_demo_face(seed, HELD_OUT_INDEX + n, size,
+                                                     bool(glasses[n]), data.DEMO_HAIR[name],
+                                                     with_mask=False)[0]
+    faces = translations[np.arange(count), own]
+    changed_masks = np.stack([[changed(t, face) for t in row]
+                              for row, face in zip(translations, faces)])
+    folder = os.path.join(dest, GROUND_TRUTH_DIR)
+    os.makedirs(folder, exist_ok=True)
+    for name, array in (("faces", faces), ("labels", own.astype(np.int64)),
+                        ("translations", translations), ("changed_masks", changed_masks)):
+        np.save(os.path.join(folder, f"{name}.npy"), array)
+    write_json(os.path.join(folder, "meta.json"), dict(
+        method="overlord", count=count, size=size, seed=seed, first_index=HELD_OUT_INDEX,
+        labels=names, hair_rgb=[data.HAIR_COLOURS[data.DEMO_HAIR[n]] for n in names],
+        glasses=glasses.tolist()))
+    return folder
+
+
+def palette_share(pred, truth, targets, palette, within):
+    """Share of images pred[m] whose mean colour over the truth's pixels near palette[targets[m]]
+    (and inside `within`, (M, 1, R, R)) is nearest to that entry among the palette."""
+    unit = torch.tensor(palette, dtype=torch.float32) / 255
+    hits, total = 0, 0
+    for m, target in enumerate(torch.as_tensor(targets).tolist()):
+        core = within[m, 0] & ((truth[m] - unit[target][:, None, None]).abs().amax(0)
+                               < CORE_LEVEL / 255)                                  # (R, R)
+        if core.any():
+            hits += nearest_colour(pred[m][:, core].mean(1) * 255, palette) == target
+            total += 1
+    return hits / max(total, 1)
+
+
+def score_translations(pred, faces, truth, side):
+    """The scores of translations pred (N, K, 3, R, R) of faces (N, 3, R, R), all in [0, 1],
+    against the OverLORD ground truth at `side` px; the untranslated face is the baseline."""
+    true_t = to_unit(truth["translations"], side)
+    masks = mask_at(truth["changed_masks"], side)
+    n, k = true_t.shape[:2]
+    targets = torch.arange(k).expand(n, k)
+    changes = targets != torch.from_numpy(truth["labels"])[:, None]         # (N, K) label moves
+    identity = faces[:, None].expand_as(true_t)
+    palette = truth["meta"]["hair_rgb"]
+
+    def scores_of(p):
+        region = region_mse(p[changes], true_t[changes], masks[changes])
+        share = palette_share(p[changes], true_t[changes], targets[changes], palette,
+                              masks[changes])
+        return region, share
+
+    region, share = scores_of(pred)
+    identity_region, identity_share = scores_of(identity)
+    return {"translations": int(changes.sum()), "region_mse": region,
+            "outside_mse": region_mse(pred[changes], true_t[changes], ~masks[changes]),
+            "transfer_gain": 1 - region / identity_region, "colour_share": share,
+            "reconstruction_mse": float(((pred[~changes] - faces) ** 2).mean()),
+            "baselines": {"identity": {"region_mse": identity_region,
+                                       "colour_share": identity_share}}}
+
+
+def translation_montage(faces, pred, truth_t, n=MONTAGE_PAIRS):
+    """Rows of (face, then prediction and truth for each label) for the first n faces."""
+    rows = []
+    for face, p, t in zip(faces[:n], pred[:n], truth_t[:n]):
+        rows += [face, *[tile for pair in zip(p, t) for tile in pair]]
+    return torch.stack(rows)
+
+
+def score_overlord(model, cfg, root, out):
+    """Score an uncorrelated OverLORD model (amortised encoders) on root's ground truth by
+    translating every held-out face to every label: the dict of scores and the montage
+    out/ground_truth_montage.png."""
+    from eval import label_names, translate_to_labels  # eval imports this module lazily too
+    truth = read_ground_truth(root, "overlord")
+    labels = truth["meta"]["labels"]
+    if cfg["correlation"]:
+        raise UserError(f"--ground_truth scores uncorrelated OverLORD models (translation by "
+                        f"label); config {cfg['preset']} is {cfg['correlation']}")
+    names = label_names(cfg)  # None when the run's data folder is gone
+    if cfg["n_labels"] != len(labels) or names not in (None, labels):
+        raise UserError(f"--ground_truth {root!r} is drawn for the labels {', '.join(labels)}; "
+                        f"the model has {', '.join(names) if names else cfg['n_labels']}")
+    side = cfg["img_shape"][0]
+    device = next(model.parameters()).device
+    faces = to_unit(truth["faces"], side)
+    pred = translate_to_labels(model, faces.to(device), range(len(labels))).float().cpu()
+    scores = {"images": len(faces), "side": side,
+              **score_translations(pred, faces, truth, side)}
+    path = os.path.join(out, "ground_truth_montage.png")
+    save_tiles(translation_montage(faces, pred, to_unit(truth["translations"], side)), path,
+               nrow=1 + 2 * len(labels), value_range=(0.0, 1.0))
     return scores, path

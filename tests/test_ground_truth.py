@@ -120,3 +120,90 @@ def test_bench_quality_trains_then_scores(demo, tmp_path):
     report = json.loads(path.read_text())
     assert report["iterations"] == 3 and report["ground_truth"]["images"] == COUNT
     assert np.isfinite(report["ground_truth"]["specific_gain"])
+
+
+# ------------------------------------------------------------------------------------------------
+# OverLORD: held-out demo faces with every hair colour
+
+OL_SIZE, OL_FACES = 32, 6
+TINY_OL = ["label_dim=8", "uncorrelated_dim=8", "generator.max_width=16", "encoder.base=8",
+           "encoder.max_width=16", "discriminator.max_width=16",
+           *[f"{stage}.{key}" for stage in ("disentanglement", "amortization", "synthesis")
+             for key in ("batch_size=8", "n_epochs=1")]]
+
+
+@pytest.fixture(scope="module")
+def ol_demo(tmp_path_factory):
+    dest = str(tmp_path_factory.mktemp("olgt") / "demo")
+    data.make_demo_labeled(dest, n=24, size=OL_SIZE)
+    gt.write_overlord_ground_truth(dest, OL_SIZE, seed=0, count=OL_FACES)
+    return dest
+
+
+def test_overlord_ground_truth_draws_each_face_with_the_target_hair_colour(ol_demo):
+    truth = gt.read_ground_truth(ol_demo, "overlord")
+    names = truth["meta"]["labels"]
+    assert names == data.load_prepared(ol_demo).label_names  # label k means the same colour
+    assert truth["translations"].shape == (OL_FACES, len(names), OL_SIZE, OL_SIZE, 3)
+    assert truth["meta"]["first_index"] >= 24                 # never a training face
+    for n, own in enumerate(truth["labels"]):
+        face = truth["faces"][n].astype(int)
+        drawn = data.draw_demo_face(0, gt.HELD_OUT_INDEX + n, OL_SIZE,
+                                    truth["meta"]["glasses"][n], data.DEMO_HAIR[names[own]])[0]
+        assert np.array_equal(face, drawn)
+        for k, name in enumerate(names):
+            t, mask = truth["translations"][n, k].astype(int), truth["changed_masks"][n, k] > 0
+            gap = np.abs(t - face).max(2)
+            # the mask lies where the translation differs from the face, and nowhere else
+            assert np.array_equal(mask, gap >= gt.CHANGED_LEVEL)
+            assert mask.any() == (k != own)
+            if k != own:  # most of the changed pixels wear the target's hair colour
+                near = np.abs(t[mask] - data.HAIR_COLOURS[data.DEMO_HAIR[name]]).max(1) < 40
+                assert near.mean() > 0.5
+
+
+def test_overlord_scores_of_the_truth_and_of_the_untranslated_face(ol_demo):
+    truth = gt.read_ground_truth(ol_demo, "overlord")
+    side = 16
+    faces, true_t = gt.to_unit(truth["faces"], side), gt.to_unit(truth["translations"], side)
+    perfect = gt.score_translations(true_t, faces, truth, side)
+    assert perfect["region_mse"] == 0 and perfect["outside_mse"] == 0
+    assert perfect["transfer_gain"] == 1 and perfect["colour_share"] == 1
+    assert perfect["reconstruction_mse"] == 0
+    assert perfect["translations"] == OL_FACES * 2          # every face to the two other labels
+    identity = gt.score_translations(faces[:, None].expand_as(true_t), faces, truth, side)
+    assert identity["transfer_gain"] == pytest.approx(0, abs=1e-6)
+    assert identity["colour_share"] == 0 and identity["outside_mse"] < 1e-4
+    assert identity["region_mse"] == perfect["baselines"]["identity"]["region_mse"]
+
+
+def test_eval_overlord_ground_truth_writes_scores_and_montage(ol_demo, demo, tmp_path):
+    run = str(tmp_path / "ol")
+    sets = [flag for s in TINY_OL for flag in ("--set", s)]
+    train.main(["--method", "overlord", "--config", "demo", "--root", ol_demo, "--out", run,
+                "--workers", "0", "--device", "cpu", "--perceptual", "l1", *sets])
+    evaluate.main(["--load", run, "--ground_truth", ol_demo, "--device", "cpu"])
+    report = json.load(open(os.path.join(run, "metrics_eval.json")))
+    assert report["method"] == "overlord" and report["trained"].startswith("stages done")
+    scores = report["metrics"]["ground_truth"]
+    assert scores["images"] == OL_FACES and scores["side"] == OL_SIZE
+    for key in ("region_mse", "outside_mse", "transfer_gain", "colour_share"):
+        assert np.isfinite(scores[key]), key
+    assert scores["baselines"]["identity"]["colour_share"] == 0
+    montage = data.read_image(os.path.join(run, "ground_truth_montage.png"))
+    assert montage.shape[:2] == (OL_FACES * 34 + 2, 7 * 34 + 2)  # face, (pred, truth) x 3
+    # each method's ground truth belongs to its own models
+    with pytest.raises(UserError, match="ground truth of the cd demo"):
+        evaluate.main(["--load", run, "--ground_truth", demo, "--device", "cpu"])
+    with pytest.raises(UserError, match="data.py demo_labeled --dest"):
+        evaluate.main(["--load", run, "--ground_truth", str(tmp_path), "--device", "cpu"])
+
+
+def test_data_py_demo_labeled_ground_truth_command(tmp_path):
+    dest = str(tmp_path / "demo")
+    data.main(["demo_labeled", "--dest", dest, "--n", "6", "--size", "16", "--ground_truth"])
+    truth = gt.read_ground_truth(dest, "overlord")
+    assert truth["meta"]["size"] == 16 and truth["faces"].shape[0] == gt.OVERLORD_GROUND_TRUTH_FACES
+    # the ground truth inside the folder does not stop a redraw with other settings
+    data.main(["demo_labeled", "--dest", dest, "--n", "9", "--size", "16"])
+    assert len(data.load_prepared(dest)) == 9
