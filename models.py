@@ -9,6 +9,9 @@ OverLORD: Gabbay & Hoshen, "Scaling-up Disentanglement for Image Translation", I
 and per-image codes drive a StyleGAN2 synthesis network (Karras et al., CVPR 2020) without mapping
 net or noise, written here in plain PyTorch; encoders later amortise the codes and a StyleGAN2
 discriminator tunes the result. A frozen VGG16 gives the perceptual distance.
+
+Reconstruction distances of both methods: pixel L1, GLO's Laplacian-pyramid L1 (Bojanowski et
+al., "Optimizing the Latent Space of Generative Networks", ICML 2018) and the VGG16 distance.
 """
 import functools
 import math
@@ -843,11 +846,12 @@ LAPLACIAN_MIN_SIDE = 4                 # the low-pass residual is kept at no les
 
 class Lap1Distance(nn.Module):
     """Laplacian-pyramid L1 of GLO (Bojanowski, Joulin, Lopez-Paz & Szlam, "Optimizing the Latent
-    Space of Generative Networks", ICML 2018, Sec. 3.2), the loss GLO optimised its latents with:
-        Lap1(x, x') = sum_j 2^(2j) |L^j(x) - L^j(x')|_1,
-    L^j the j-th level of the Laplacian pyramid, j = 0 the finest band. Level j has 4^-j as many
-    pixels, so 2^(2j) weighs every level alike per pixel; divided here by the element count of
-    the full-size image, the loss is the sum over levels of the mean absolute band difference
+    Space of Generative Networks", ICML 2018), the loss GLO optimised its latents with:
+        Lap1(x, x') = sum_j 2^(-2j) |L^j(x) - L^j(x')|_1,
+    L^j the j-th level of the Laplacian pyramid. Counting j in octaves up from the coarsest
+    level, 2^(-2j) is the inverse of level j's pixel count relative to it: every level counts
+    alike per pixel (the reading of the paper's public re-implementations, which add up each
+    level's mean). So here the loss is the sum over levels of the mean absolute band difference
     (identical images give 0; a constant offset c gives |c|, all of it in the low-pass residual).
     Bands are x minus the blurred, decimated and re-enlarged x; the last level is the residual.
     Computed in float32 whatever autocast is active: the bands are small differences."""
@@ -880,8 +884,9 @@ class Lap1Distance(nn.Module):
         with torch.autocast(a.device.type, enabled=False):
             diff = a.float() - b.float()  # the pyramid is linear: L(a) - L(b) = L(a - b)
             pixels = diff[0].numel()
-            per_image = sum(4 ** j * level.abs().flatten(1).sum(1)
-                            for j, level in enumerate(self.pyramid(diff)))   # (N,)
+            # the pyramid lists the finest level first: its k-th level has 4^-k of the pixels
+            per_image = sum(4 ** k * level.abs().flatten(1).sum(1)
+                            for k, level in enumerate(self.pyramid(diff)))   # (N,)
             return (per_image / pixels).mean()
 
     def extra_repr(self):

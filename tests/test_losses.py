@@ -59,7 +59,7 @@ def test_lap1_hand_computation():
     lap1 = Lap1Distance()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     assert lap1(x, x) == 0
-    # a constant offset lives only in the low-pass residual (4x4 here), weight 2^(2j) * 4^-j = 1
+    # a constant offset lives only in the low-pass residual (4x4 here), weighed 1 per pixel
     assert torch.isclose(lap1(x + 0.3, x), torch.tensor(0.3), atol=1e-6)
     # the binomial blur of a checkerboard is 0, so it is all finest band: mean |band| = 1
     zeros = torch.zeros(1, 3, 8, 8)
