@@ -35,11 +35,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import train
-from models import (CDConfig, L1Distance, VGGDistance, build_cd,
-                    build_overlord, find_vgg_weights)
+from models import CDConfig, L1Distance, build_cd, build_overlord, find_vgg_weights
 from utils import UserError, pick_device, run_cli, write_json
 
 SEED_E2_FEATS = train.REPRODUCE["kozistr"]["e2_feats"]  # kozistr's train.py's E2 width
+DISTANCE_NAMES = {"vgg": "VGG16", "lap1": "Lap1", "l1": "L1"}  # OverLORD's, for the notes
 N_LABELS = 10        # OverLORD label-table rows for the bench (they barely change the cost)
 
 
@@ -81,6 +81,10 @@ def build_parser():
       "with ground truth (--data, else one drawn at --resize) for --minutes of wall time, then "
       "score it as eval.py --ground_truth does; --cd_flags adds training flags")
     a("--minutes", type=float, default=5.0, help="--quality: wall time of the training run")
+    a("--distances", action="store_true", help="also time the steps with each reconstruction "
+      "distance (CD: --perceptual l2, lap1, vgg; OverLORD stage 1: l1, lap1, vgg), interleaved "
+      "in one process, and print their cost relative to the first; VGG16 from random weights "
+      "when ImageNet's are absent (the same cost)")
     a("--json", default="", help="also write the report as JSON to this path")
     return p
 
@@ -202,6 +206,32 @@ def conv_breakdown(step, s, device, peak, n=3):
     return report
 
 
+def interleaved_seconds(steps, device, args):
+    """Median seconds per call of each step, timed in turns (one call of each per round, after
+    --warmup of each), so that a change of machine load falls on all of them alike."""
+    for step in steps:
+        for _ in range(args.warmup):
+            step()
+    rounds = [[seconds(step, device) for step in steps] for _ in range(args.iters)]
+    return [statistics.median(times) for times in zip(*rounds)]
+
+
+def distance_rows(name, kinds, make_step, n_images, device, args, peak):
+    """(rows, {kind: cost relative to the first kind}) of the step make_step(kind) builds for
+    each reconstruction distance, timed in turns."""
+    steps = [make_step(kind) for kind in kinds]
+    flops = [count_flops(step) for step in steps]
+    times = interleaved_seconds(steps, device, args)
+    rows = [make_row(f"{name} --perceptual {kind}", s, n_images, f, device, peak)
+            for kind, s, f in zip(kinds, times, flops)]
+    return rows, {kind: s / times[0] for kind, s in zip(kinds, times)}
+
+
+def vgg_weights_or_random():
+    """The VGG16 ImageNet weights on disk, else 'random' (the same network, the same cost)."""
+    return find_vgg_weights() or "random"
+
+
 def make_row(name, s, n_images, flops, device, peak):
     """A table row from seconds per step."""
     memory, memory_kind = peak_memory(device)
@@ -295,6 +325,17 @@ def bench_cd(args, device, peak):
     if args.data:
         return end_to_end_rows(cfg, device, args, peak)
     rows, extra = [cd_row(cfg, device, args, peak)], {}
+    if args.distances:
+        def make_step(kind):
+            distance = train.reconstruction_distance(
+                {**cfg, "perceptual": kind, "vgg_weights": vgg_weights_or_random()}, device)
+            model, x_a, x_b, ae_opt, d_opt = cd_setup(cfg, device)
+            return functools.partial(train.train_step, model, x_a, x_b, ae_opt, d_opt, cfg,
+                                     distance=distance)
+        more, ratios = distance_rows("cd", train.CD_DISTANCES, make_step, 2 * cfg["bs"], device,
+                                     args, peak)
+        rows += more
+        extra["distance_cost"] = {"cd": ratios}
     if args.reference:
         seed_cfg = seed_config(cfg)
         widths = sorted({CDConfig.e2_feats, SEED_E2_FEATS, cfg["e2_feats"]})
@@ -393,13 +434,17 @@ def overlord_config(args):
     return cfg
 
 
-def overlord_perceptual(cfg):
-    """(distance, description): frozen VGG16 when its weights are on disk, else L1."""
-    path = find_vgg_weights()
-    if cfg["perceptual"]["kind"] == "l1" or path is None:
-        return L1Distance(), "L1" + (" fallback (no VGG16 weights found)" if path is None else "")
-    return VGGDistance(cfg["perceptual"]["layer_ids"], cfg["perceptual"]["normalize"],
-                       path), f"VGG16 ({path})"
+def overlord_perceptual(cfg, weights_path=""):
+    """(distance, description) as train.py builds it for the preset's kind ("auto": VGG16 when
+    its weights are on disk, else the offline fallback); a preset's VGG16 without its weights
+    is timed as L1."""
+    kind = cfg["perceptual"]["kind"]
+    if kind == "vgg" and not find_vgg_weights(weights_path or None):
+        return L1Distance(), "L1 (no VGG16 weights found)"
+    distance = train.build_perceptual(cfg, weights_path)  # resolves "auto" in cfg
+    resolved = cfg["perceptual"]["kind"]
+    source = f" ({distance.source})" if resolved == "vgg" else " fallback" if kind == "auto" else ""
+    return distance, DISTANCE_NAMES[resolved] + source
 
 
 def overlord_batch(cfg, bs, device):
@@ -428,8 +473,23 @@ def bench_overlord(args, device, peak):
         reset_peak_memory(device)
         flops = count_flops(step)
         rows.append(measure(f"overlord {stage}", step, args.bs, flops, device, args, peak))
-    return rows, {"notes": [f"overlord {args.overlord_config} preset, perceptual distance: "
-                            f"{perceptual_name}"]}
+    extra = {"notes": [f"overlord {args.overlord_config} preset, perceptual distance: "
+                       f"{perceptual_name}"]}
+    if args.distances:
+        stage = "disentanglement"
+
+        def make_step(kind):
+            dcfg = json.loads(json.dumps(cfg))
+            dcfg["perceptual"]["kind"] = kind
+            own = {**ctx, "cfg": dcfg, "stage": stage,
+                   "perceptual": train.build_perceptual(dcfg, vgg_weights_or_random()).to(device),
+                   "optimizers": train.stage_optimizers(stage, model, cfg[stage])[0]}
+            return functools.partial(train.STAGE_STEPS[stage], model, batch, own)
+        more, ratios = distance_rows(f"overlord {stage}", train.OVERLORD_DISTANCES[::-1],
+                                     make_step, args.bs, device, args, peak)
+        rows += more
+        extra["distance_cost"] = {f"overlord {stage}": ratios}
+    return rows, extra
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,7 +513,11 @@ def run_bench(args):
         rows, extra = (bench_cd if method == "cd" else bench_overlord)(args, device, peak)
         report["rows"] += rows
         report["notes"] += extra.pop("notes", [])
+        for step, ratios in extra.pop("distance_cost", {}).items():
+            report.setdefault("distance_cost", {})[step] = ratios
         report.update(extra)
+    if args.distances:
+        report["notes"].append(f"--distances: VGG16 weights {vgg_weights_or_random()}")
     if device.type != "cuda":
         report["notes"].append("peak memory is the process's peak RSS so far, earlier rows too")
     if args.amp != "off":
@@ -486,6 +550,9 @@ def print_report(report):
         print(f"seed loop FLOPs at e2_feats {width}: {flops / 1e9:.2f} GFLOP per iteration")
     if "ratio" in report:
         print(f"ours / seed loop (images/s): {report['ratio']:.2f}x")
+    for step, ratios in report.get("distance_cost", {}).items():
+        print(f"{step}, time per iteration relative to --perceptual {next(iter(ratios))}: "
+              + ", ".join(f"{kind} {ratio:.2f}x" for kind, ratio in ratios.items()))
     for note in report["notes"]:
         print(f"note: {note}")
 

@@ -128,3 +128,25 @@ def test_conv_peak_is_positive():
 def test_overlord_sizes_are_checked(extra, message):
     with pytest.raises(UserError, match=message):
         bench.overlord_config(parse(*extra))
+
+
+def test_distances_time_each_reconstruction_distance_in_turns(tmp_path):
+    path = tmp_path / "bench.json"
+    # 32 px: CD's VGG16 distance halves the side five times
+    bench.main([*TINY[:1], "32", *TINY[2:], "--distances", "--json", str(path)])
+    report = json.loads(path.read_text())
+    names = [row["name"] for row in report["rows"]]
+    for kind in train.CD_DISTANCES:
+        assert f"cd --perceptual {kind}" in names
+    for kind in train.OVERLORD_DISTANCES:
+        assert f"overlord disentanglement --perceptual {kind}" in names
+    costs = report["distance_cost"]
+    assert list(costs["cd"]) == ["l2", "lap1", "vgg"] and costs["cd"]["l2"] == 1
+    assert list(costs["overlord disentanglement"]) == ["l1", "lap1", "vgg"]
+    assert all(ratio > 0 for ratios in costs.values() for ratio in ratios.values())
+    rows = {row["name"]: row for row in report["rows"]}
+    # the VGG16 distance adds its convolutions to the FLOPs of both methods' steps
+    assert (rows["cd --perceptual vgg"]["flops_per_iter"]
+            > rows["cd --perceptual l2"]["flops_per_iter"])
+    assert (rows["overlord disentanglement --perceptual vgg"]["flops_per_iter"]
+            > rows["overlord disentanglement --perceptual l1"]["flops_per_iter"])
