@@ -784,7 +784,7 @@ BETTER = {"psnr": "higher", "mse": "lower", "linear": "lower, chance is best",
           "mlp": "lower, chance is best", "accuracy": "higher", "success": "higher",
           "success_changed": "higher", "unchanged_l1": "lower", "pixel_l1": "higher",
           "vgg_l1": "higher", "region_mse": "lower", "outside_mse": "lower",
-          "transfer_gain": "higher, 1 = truth, 0 = B unchanged",
+          "reconstruction_mse": "lower", "transfer_gain": "higher, 1 = truth, 0 = input unchanged",
           "specific_gain": "higher, 1 = truth, <= 0 = generic",
           "colour_share": "higher"}
 
