@@ -787,8 +787,7 @@ class VGGDistance(nn.Module):
                 raise FileNotFoundError(
                     f"VGG16 ImageNet weights not found ({where}); nothing is downloaded. Pass the "
                     f"path of {VGG16_WEIGHTS_FILE}, or copy it into the torch hub cache "
-                    f"({torch.hub.get_dir()}/checkpoints/), or use the lower-quality L1 fallback "
-                    f"(--perceptual l1).")
+                    f"({torch.hub.get_dir()}/checkpoints/).")
             self.source, features = path, load_vgg16_features(path)
         if not all(0 <= i < len(features) for i in self.layer_ids):
             raise ValueError(f"layer ids must lie in 0..{len(features) - 1}, got {self.layer_ids}")

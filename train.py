@@ -235,7 +235,8 @@ def reconstruction_distance(cfg, device):
     if cfg["resize"] < VGG_MIN_SIDE:
         raise UserError(f"--perceptual vgg needs --resize {VGG_MIN_SIDE} or more (VGG16 halves "
                         f"the side five times), not {cfg['resize']}")
-    return SignedToUnit(vgg_distance(weights_path=cfg["vgg_weights"])).to(device)
+    offline = [kind for kind in CD_DISTANCES if kind != "vgg"]
+    return SignedToUnit(vgg_distance(offline, weights_path=cfg["vgg_weights"])).to(device)
 
 
 def to_floats(losses):
@@ -770,14 +771,17 @@ def check_batch_sizes(cfg, world):
                         f"than 4) images per process")
 
 
-def vgg_distance(layer_ids=None, normalize=True, weights_path=""):
+def vgg_distance(offline, layer_ids=None, normalize=True, weights_path=""):
     """VGGDistance (its default layers unless given) from weights_path or the torch hub cache;
-    UserError with the ways out when the weights are absent or wrong."""
+    UserError with the ways out (--vgg_weights, or the method's `offline` distances) when the
+    weights are absent or wrong."""
     layers = {} if layer_ids is None else {"layer_ids": layer_ids}
     try:
         return VGGDistance(normalize=normalize, weights=weights_path or None, **layers)
     except FileNotFoundError as e:
-        raise UserError(f"{e} (--vgg_weights PATH)") from None
+        ways = " or ".join(f"--perceptual {kind}" for kind in offline)
+        raise UserError(f"{e} The path goes in --vgg_weights PATH; without the weights, train "
+                        f"with {ways}.") from None
     except RuntimeError as e:
         raise UserError(f"--vgg_weights: {e}") from None
 
@@ -798,7 +802,8 @@ def build_perceptual(cfg, weights_path):
     if kind != "vgg":
         raise UserError(f"perceptual.kind {kind!r}: use auto or one of "
                         f"{', '.join(OVERLORD_DISTANCES)}")
-    return vgg_distance(cfg["perceptual"]["layer_ids"], cfg["perceptual"]["normalize"],
+    offline = [kind for kind in OVERLORD_DISTANCES[::-1] if kind != "vgg"]
+    return vgg_distance(offline, cfg["perceptual"]["layer_ids"], cfg["perceptual"]["normalize"],
                         weights_path)
 
 

@@ -265,7 +265,7 @@ def test_missing_vgg_weights_give_none_and_a_clear_error_offline(tmp_path, monke
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     assert om.find_vgg_weights() is None
     assert om.find_vgg_weights(str(tmp_path / "missing.pth")) is None
-    with pytest.raises(FileNotFoundError, match="--perceptual l1"):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         om.VGGDistance()
 
 
