@@ -134,7 +134,7 @@ def iou_scores(soft, truth, threshold=MASK_THRESHOLD):
 
 
 @torch.no_grad()
-def ground_truth_mask_scores(model, x_a, x_b, masks_a, transfer_masks):
+def ground_truth_mask_scores(model, x_a, x_b, masks_a, transfer_masks, threshold=MASK_THRESHOLD):
     """Mask IoU against the demo's true masks: each A's own mask (segmentation) vs masks_A, and
     the mask of A_i's attribute on B_j vs transfer_masks[i, j]. True masks are bool tensors
     (N, 1, R, R) and (N, N, 1, R, R)."""
@@ -142,5 +142,5 @@ def ground_truth_mask_scores(model, x_a, x_b, masks_a, transfer_masks):
     common_b, separate_a = model.common_encoder(x_b), model.separate_encoder(x_a)
     soft_t = torch.stack([model.mask_of(common_b, s.expand(len(x_b), -1, -1, -1)).float().cpu()
                           for s in separate_a.split(1)])                  # (N_A, N_B, 1, R, R)
-    return {"segmentation": iou_scores(soft_a, masks_a),
-            "transfer": iou_scores(soft_t, transfer_masks)}
+    return {"segmentation": iou_scores(soft_a, masks_a, threshold),
+            "transfer": iou_scores(soft_t, transfer_masks, threshold)}

@@ -194,6 +194,9 @@ def resolve_config(argv):
                             f"its data is: give --root")
     elif not args.root:
         cfg.update({k: v for k, v in DEMO_PRESET.items() if k not in explicit})
+    if cfg["mask"] and cfg["reproduce"]:
+        raise UserError(f"--reproduce {cfg['reproduce']} is the seed's loop, which has no mask "
+                        f"decoder: drop --mask or --reproduce")
     for key, value in REPRODUCE.get(cfg["reproduce"], {}).items():
         if key in explicit and cfg[key] != value:
             raise UserError(f"--reproduce {cfg['reproduce']} sets --{key} {value}; drop "
@@ -219,8 +222,6 @@ def resolve_mask_flags(cfg, explicit, resumed):
         if given:
             raise UserError(f"--{given[0]} is a --mask setting: add --mask")
         return
-    if cfg.get("reproduce"):
-        raise UserError("--reproduce kozistr has no mask decoder: drop --mask or --reproduce")
     if not resumed or "mask_preset" in explicit:
         cfg.update({k: v for k, v in MASK_PRESETS[cfg["mask_preset"]].items()
                     if k not in explicit})
