@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from data import (ImageFiles, LabelledImages, check_images, domain_paths, load_prepared,
                   preprocess, read_image, write_image)
 from face_align import STYLES
-from mask_transfer import (MASK_THRESHOLD, check_threshold, masked_removal,
+from mask_transfer import (MASK_THRESHOLD, check_threshold, masked_removal, save_mask_grids,
                            unchanged_outside_mask, write_masks)
 from models import VGGDistance, build_cd, build_overlord, find_vgg_weights
 from train import (GRID_IMAGES, collate_items, save_transfer_grid, translation_tiles,
@@ -139,20 +139,19 @@ def interpolation_tiles(model, x_a, x_b, i):
 
 
 @torch.no_grad()
-def reconstruction_tiles(model, x, has_attribute):
-    """Inputs, reconstructions and (for A) the same with the attribute removed, one row each."""
+def reconstruction_tiles(model, x, has_attribute, threshold=MASK_THRESHOLD):
+    """Inputs, reconstructions from the codes alone and (for A) the attribute removed (a mask
+    model: inside its mask), one row each."""
     common = model.common_encoder(x)
-    if has_attribute:
-        rows = [x, model.add(common, model.separate_encoder(x), x)]
-    else:
-        rows = [x, model.decode(common)]
-    if has_attribute:
-        rows.append(model.decode(common))
-    return torch.cat(rows)
+    if not has_attribute:
+        return torch.cat([x, model.decode(common)])
+    removed = masked_removal(model, x, threshold)[0] if model.cfg.mask else model.decode(common)
+    return torch.cat([x, model.reconstruct(common, model.separate_encoder(x)), removed])
 
 
-def write_grids(model, step, sets, n, out):
-    """Transfer grid, interpolation grids and reconstructions of the first n test images."""
+def write_grids(model, step, sets, n, out, threshold=MASK_THRESHOLD):
+    """Transfer grid, interpolation grids and reconstructions of the first n test images (and a
+    mask model's masks, D_A and segmentation grids)."""
     device = next(model.parameters()).device
     x_a, x_b = sets["testA"].batch(range(n)).to(device), sets["testB"].batch(range(n)).to(device)
     written = [os.path.join(out, f"experiments_{step:06d}.png")]
@@ -162,7 +161,10 @@ def write_grids(model, step, sets, n, out):
         save_tiles(interpolation_tiles(model, x_a, x_b, i), written[-1], INTERPOLATION_STEPS + 2)
     for name, x, has_attribute in (("A", x_a, True), ("B", x_b, False)):
         written.append(os.path.join(out, f"reconstruction_{name}.png"))
-        save_tiles(reconstruction_tiles(model, x, has_attribute), written[-1], nrow=n)
+        save_tiles(reconstruction_tiles(model, x, has_attribute, threshold), written[-1],
+                   nrow=n)
+    if model.cfg.mask:
+        written += [path for _, path in save_mask_grids(model, x_a, x_b, out, step, threshold)]
     return written
 
 
@@ -179,7 +181,7 @@ def evaluate_on_data(args, model, cfg, step):
         sets[split] = ImageFiles(usable, cfg["crop"], cfg["resize"],
                                  cfg.get("interpolation", "area"))
     out = make_output_dir(args.out or os.path.join(run_folder(args.load), "eval"))
-    for path in write_grids(model, step, sets, n, out):
+    for path in write_grids(model, step, sets, n, out, args.threshold):
         print(path)
 
 
@@ -664,8 +666,8 @@ def cd_metrics(model, images, vgg, threshold=MASK_THRESHOLD):
     train_labels = domain_labels(len(x["trainA"]), len(x["trainB"]), device)
     test_labels = domain_labels(n_a, n_b, device)
     metrics = {"reconstruction": {
-        "A": reconstruction_scores(x["testA"], cd_add(model, common["testA"], separate_a,
-                                                      x["testA"])),
+        "A": reconstruction_scores(x["testA"], batched(
+            lambda c, s: (model.reconstruct(c, s) + 1) / 2, common["testA"], separate_a)),
         "B": reconstruction_scores(x["testB"], cd_decode(model, common["testB"]))}}
 
     # leakage: is A-vs-B readable from the common code?

@@ -74,14 +74,14 @@ def segmentation_tiles(model, x_a, threshold=MASK_THRESHOLD):
     return torch.cat([x_a, mask_image(mask), mask_image((mask >= threshold).float())])
 
 
-def save_mask_grids(model, x_a, x_b, out, step):
+def save_mask_grids(model, x_a, x_b, out, step, threshold=MASK_THRESHOLD):
     """masks_, d_a_ and segmentation_XXXXXX.png in `out`; returns [(name, path)]."""
     was_training = model.training
     model.eval()
     n = x_b.shape[0]
     grids = (("masks", transfer_mask_tiles(model, x_a, x_b), n + 1),
              ("d_a", plain_render_tiles(model, x_a, x_b), n),
-             ("segmentation", segmentation_tiles(model, x_a), x_a.shape[0]))
+             ("segmentation", segmentation_tiles(model, x_a, threshold), x_a.shape[0]))
     written = []
     for name, tiles, nrow in grids:
         written.append((name, os.path.join(out, f"{name}_{step:06d}.png")))

@@ -304,6 +304,13 @@ class CDModel(nn.Module):
             return composite(*self.mask_decoder(torch.cat([common, separate], 1)), base)
         return self.decode(common, separate)
 
+    def reconstruct(self, common, separate):
+        """The image from its codes alone: decoded whole, or (mask model) D_B's content over
+        D_A's render of [common, 0], as the Recon1 term trains it."""
+        if self.cfg.mask:
+            return self.add(common, separate, self.decode(common))
+        return self.decode(common, separate)
+
     def mask_of(self, common, separate):
         """D_B's mask (N, 1, R, R) of [common, separate] (mask model only)."""
         return self.mask_decoder(torch.cat([common, separate], 1))[0]
