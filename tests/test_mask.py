@@ -227,3 +227,68 @@ def test_bad_mask_flags_get_one_clear_line(mask_run, tmp_path):
     train.main([*tiny[:2], "--out", plain, *tiny[4:]])
     assert "not trained with --mask" in fails("eval.py", "--load", plain, "--masks",
                                               str(tmp_path / "m"))
+
+
+def test_resumed_mask_run_logs_the_same_losses(two_domains, tmp_path):
+    common = ["--root", two_domains, "--progress_iter", "1", "--display_iter", "100",
+              "--save_iter", "100", "--mask", "--cycle_common", "0.5", *TINY_CD]
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    train.main([*common, "--out", whole, "--iters", "3"])
+    train.main([*common, "--out", split, "--iters", "1"])
+    train.main(["--load", split, "--out", split, "--iters", "3"])
+    for a, b in zip(read_metrics(whole), read_metrics(split)):
+        for column in (*train.MASK_LOSS_WEIGHTS, "mask_area", "ae", "disc"):
+            assert a[column] == pytest.approx(b[column], rel=1e-5, abs=1e-7), (a["step"], column)
+
+
+def test_mask_run_with_bf16_and_channels_last(two_domains, tmp_path):
+    run = str(tmp_path / "run")
+    train.main(["--root", two_domains, "--out", run, "--iters", "2", "--progress_iter", "1",
+                "--mask", "--amp", "bf16", "--channels_last", *TINY_CD])
+    assert all(r["ae"] == r["ae"] for r in read_metrics(run))  # finite, not NaN
+
+
+def test_eval_grids_of_a_mask_model_add_the_mask_grids(mask_run, tmp_path):
+    _, run = mask_run
+    evaluate.main(["--load", run, "--out", str(tmp_path), "--device", "cpu"])
+    for name in MASK_GRIDS:
+        assert (tmp_path / f"{name}_000002.png").exists(), name
+
+
+class PerfectMasks:
+    """A stand-in model whose masks are the ground truth's: the 'images' are indices (A_i = i,
+    B_j = OFFSET + j), the encoders pass them on and mask_of looks the true mask up."""
+    OFFSET = 100
+
+    def __init__(self, masks_a, transfer_masks):
+        self.masks_a, self.transfer_masks = masks_a.float(), transfer_masks.float()
+        self.common_encoder = self.separate_encoder = lambda x: x
+
+    def mask_of(self, common, separate):
+        c, s = common.flatten().long(), separate.flatten().long()
+        if (c < self.OFFSET).all():             # an A image with its own code
+            return self.masks_a[c]
+        return self.transfer_masks[s, c - self.OFFSET]
+
+
+def test_ground_truth_iou_is_one_for_perfect_masks(mask_run):
+    demo, _ = mask_run
+    truth = gt.read_ground_truth(demo)
+    masks_a, transfer_masks = (gt.mask_at(truth[k], 16) for k in ("masks_A", "transfer_masks"))
+    n = len(masks_a)
+    x_a = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+    scores = gt.ground_truth_mask_scores(PerfectMasks(masks_a, transfer_masks), x_a,
+                                         x_a + PerfectMasks.OFFSET, masks_a, transfer_masks)
+    assert masks_a.any() and transfer_masks.any()
+    for kind in ("segmentation", "transfer"):
+        assert scores[kind]["iou"] == 1 and scores[kind]["best_iou"] == 1, kind
+
+
+def test_mask_two_processes_match_one(two_domains, tmp_path):
+    from test_distributed import assert_same_weights, torchrun, weights
+    tiny = [a for a in TINY_CD if a not in ("--bs", "2")] + ["--bs", "4"]
+    args = ["--root", two_domains, "--iters", "2", "--progress_iter", "1", "--mask", *tiny]
+    train.main([*args, "--out", str(tmp_path / "one")])
+    r = torchrun(*args, "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
