@@ -7,6 +7,7 @@ Content disentanglement:
     python eval.py --load ./result --img person.png --reference glasses.png --output out.png
     python eval.py --load ./result --img person.png --remove --output plain.png
     python eval.py --load ./result --pairs pairs.csv         # rows: img,reference,output
+    python eval.py --load ./mask_run --masks ./masks         # --mask models: each A's mask
 
 OverLORD (after the amortisation stage):
     python eval.py --load ./ol --img face.png --output all.png        # every label, side by side
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 from data import (ImageFiles, LabelledImages, check_images, domain_paths, load_prepared,
                   preprocess, read_image, write_image)
 from face_align import STYLES
+from mask_transfer import (MASK_THRESHOLD, check_threshold, masked_removal, save_mask_grids,
+                           unchanged_outside_mask, write_masks)
 from models import VGG_MIN_SIDE, VGGDistance, build_cd, build_overlord, find_vgg_weights
 from train import (GRID_IMAGES, collate_items, save_transfer_grid, translation_tiles,
                    view_for_correlated)
@@ -62,7 +65,13 @@ def build_parser():
     a("--img", default="", help="apply mode: the image to change")
     a("--reference", default="", help="apply mode: an A image whose attribute is put on --img "
       "(OverLORD: the image whose label and correlated codes are used)")
-    a("--remove", action="store_true", help="apply mode: remove the attribute instead")
+    a("--remove", action="store_true", help="apply mode: remove the attribute instead (a --mask "
+      "model fills the pixels inside its mask from D_A([common, 0]))")
+    a("--threshold", type=float, default=MASK_THRESHOLD, help="--mask models: a pixel is in "
+      "the mask when D_B's soft mask reaches this (--remove, --masks, --metrics; MB's 0.1)")
+    a("--masks", default="", help="--mask models: write each image's soft mask (NAME_soft.png) "
+      "and binary mask (NAME_mask.png) into this folder; the images are --img, the img column "
+      "of --pairs, or else the testA images of --data")
     a("--output", default="", help="apply mode: where to write the result (PNG or JPEG)")
     a("--pairs", default="", help="CSV of img,reference,output rows (reference may be empty "
       "with --remove); relative paths are taken from the CSV's folder")
@@ -124,22 +133,25 @@ def interpolation_tiles(model, x_a, x_b, i):
     rows = []
     for j in range(x_a.shape[0]):
         blends = (1 - t) * separate[j] + t * separate[i]                      # (steps, S, r, r)
-        rows.append(torch.cat([x_a[j:j + 1], model.decode(common, blends), x_a[i:i + 1]]))
+        base = x_b[i:i + 1].expand(INTERPOLATION_STEPS, -1, -1, -1)
+        rows.append(torch.cat([x_a[j:j + 1], model.add(common, blends, base), x_a[i:i + 1]]))
     return torch.cat(rows)
 
 
 @torch.no_grad()
-def reconstruction_tiles(model, x, has_attribute):
-    """Inputs, reconstructions and (for A) the same with the attribute removed, one row each."""
+def reconstruction_tiles(model, x, has_attribute, threshold=MASK_THRESHOLD):
+    """Inputs, reconstructions from the codes alone and (for A) the attribute removed (a mask
+    model: inside its mask), one row each."""
     common = model.common_encoder(x)
-    rows = [x, model.decode(common, model.separate_encoder(x) if has_attribute else None)]
-    if has_attribute:
-        rows.append(model.decode(common))
-    return torch.cat(rows)
+    if not has_attribute:
+        return torch.cat([x, model.decode(common)])
+    removed = masked_removal(model, x, threshold)[0] if model.cfg.mask else model.decode(common)
+    return torch.cat([x, model.reconstruct(common, model.separate_encoder(x)), removed])
 
 
-def write_grids(model, step, sets, n, out):
-    """Transfer grid, interpolation grids and reconstructions of the first n test images."""
+def write_grids(model, step, sets, n, out, threshold=MASK_THRESHOLD):
+    """Transfer grid, interpolation grids and reconstructions of the first n test images (and a
+    mask model's masks, D_A and segmentation grids)."""
     device = next(model.parameters()).device
     x_a, x_b = sets["testA"].batch(range(n)).to(device), sets["testB"].batch(range(n)).to(device)
     written = [os.path.join(out, f"experiments_{step:06d}.png")]
@@ -149,7 +161,10 @@ def write_grids(model, step, sets, n, out):
         save_tiles(interpolation_tiles(model, x_a, x_b, i), written[-1], INTERPOLATION_STEPS + 2)
     for name, x, has_attribute in (("A", x_a, True), ("B", x_b, False)):
         written.append(os.path.join(out, f"reconstruction_{name}.png"))
-        save_tiles(reconstruction_tiles(model, x, has_attribute), written[-1], nrow=n)
+        save_tiles(reconstruction_tiles(model, x, has_attribute, threshold), written[-1],
+                   nrow=n)
+    if model.cfg.mask:
+        written += [path for _, path in save_mask_grids(model, x_a, x_b, out, step, threshold)]
     return written
 
 
@@ -166,7 +181,7 @@ def evaluate_on_data(args, model, cfg, step):
         sets[split] = ImageFiles(usable, cfg["crop"], cfg["resize"],
                                  cfg.get("interpolation", "area"))
     out = make_output_dir(args.out or os.path.join(run_folder(args.load), "eval"))
-    for path in write_grids(model, step, sets, n, out):
+    for path in write_grids(model, step, sets, n, out, args.threshold):
         print(path)
 
 
@@ -221,7 +236,7 @@ def read_pairs(csv_path, remove):
 
 
 @torch.no_grad()
-def apply(model, cfg, jobs, remove, bs, device):
+def apply(model, cfg, jobs, remove, bs, device, threshold=MASK_THRESHOLD):
     """Transfer (or remove) the attribute for every (img, reference, output) job, in batches."""
     for start in range(0, len(jobs), bs):
         chunk = jobs[start:start + bs]
@@ -229,7 +244,9 @@ def apply(model, cfg, jobs, remove, bs, device):
         load = lambda path, what: load_input(  # noqa: E731
             path, cfg["crop"], cfg["resize"], what, interpolation=interpolation)
         x = torch.cat([load(img, "image") for img, _, _ in chunk]).to(device)
-        if remove:
+        if remove and cfg.get("mask"):
+            y = masked_removal(model, x, threshold)[0]
+        elif remove:
             y = model.remove(x)
         else:
             ref = torch.cat([load(r, "reference") for _, r, _ in chunk]).to(device)
@@ -239,6 +256,34 @@ def apply(model, cfg, jobs, remove, bs, device):
             make_output_dir(folder, "output")
             write_image(output, to_uint8(image))
             print(output)
+
+
+def mask_sources(args, cfg):
+    """(image path, output name) of the images --masks writes: --img, the img column of
+    --pairs, or the testA images of --data (default: the run's data)."""
+    if args.img:
+        paths = [args.img]
+    elif args.pairs:
+        paths = list(dict.fromkeys(img for img, _, _ in read_pairs(args.pairs, remove=True)))
+    else:
+        paths = domain_paths(args.data or cfg["root"], args.image_root or cfg.get("image_root", ""),
+                             splits=("testA",))["testA"]
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return [(p, f"{k:04d}_{stem}") for k, (p, stem) in enumerate(zip(paths, stems))]
+
+
+@torch.no_grad()
+def save_masks(args, model, cfg, device):
+    """--masks OUT: each image's soft and binary mask, written in batches of --bs."""
+    sources = mask_sources(args, cfg)
+    out = make_output_dir(args.masks, "--masks")
+    for start in range(0, len(sources), args.bs):
+        chunk = sources[start:start + args.bs]
+        x = torch.cat([load_input(path, cfg["crop"], cfg["resize"], "image",
+                                  interpolation=cfg.get("interpolation", "area"))
+                       for path, _ in chunk]).to(device)
+        for path in write_masks(model, x, [name for _, name in chunk], out, args.threshold):
+            print(path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -589,7 +634,28 @@ def cd_decode(model, common, separate=None):
     return batched(lambda c, s: (model.decode(c, s) + 1) / 2, common, separate)
 
 
-def cd_metrics(model, images, vgg):
+def cd_add(model, common, separate, bases):
+    """[0, 1] images of [common, separate] with the attribute (a mask model composites onto
+    the [0, 1] `bases`; a plain one decodes, as cd_decode)."""
+    return batched(lambda c, s, b: (model.add(c, s, 2 * b - 1) + 1) / 2, common, separate, bases)
+
+
+def cd_remove(model, x, common, threshold):
+    """[0, 1] images x with the attribute removed (a mask model: only inside its mask)."""
+    if model.cfg.mask:
+        return batched(lambda t: (masked_removal(model, 2 * t - 1, threshold)[0] + 1) / 2, x)
+    return cd_decode(model, common)
+
+
+def mask_metrics(model, common_b, separate, added, x_b, threshold):
+    """A mask model's transfers onto B: the share of pixels outside the mask left unchanged,
+    and the mean share of each image inside the mask."""
+    masks = batched(model.mask_of, common_b, separate)
+    return {"unchanged_outside_mask": unchanged_outside_mask(added, x_b, masks, threshold),
+            "mask_area": float((masks >= threshold).float().mean()), "threshold": threshold}
+
+
+def cd_metrics(model, images, vgg, threshold=MASK_THRESHOLD):
     """(metrics, sample tiles, tiles per row) of a CD model on images from cd_metric_images."""
     device = next(model.parameters()).device
     x = {split: v.to(device) for split, v in images.items()}
@@ -599,7 +665,8 @@ def cd_metrics(model, images, vgg):
     train_labels = domain_labels(len(x["trainA"]), len(x["trainB"]), device)
     test_labels = domain_labels(n_a, n_b, device)
     metrics = {"reconstruction": {
-        "A": reconstruction_scores(x["testA"], cd_decode(model, common["testA"], separate_a)),
+        "A": reconstruction_scores(x["testA"], batched(
+            lambda c, s: (model.reconstruct(c, s) + 1) / 2, common["testA"], separate_a)),
         "B": reconstruction_scores(x["testB"], cd_decode(model, common["testB"]))}}
 
     # leakage: is A-vs-B readable from the common code?
@@ -611,20 +678,25 @@ def cd_metrics(model, images, vgg):
     classifier, metrics["classifier"] = attribute_classifier(
         torch.cat([x["trainA"], x["trainB"]]), train_labels,
         torch.cat([x["testA"], x["testB"]]), test_labels, 2)
-    added = cd_decode(model, common["testB"], separate_a[torch.arange(n_b, device=device) % n_a])
-    removed = cd_decode(model, common["testA"])
+    references = separate_a[torch.arange(n_b, device=device) % n_a]
+    added = cd_add(model, common["testB"], references, x["testB"])
+    removed = cd_remove(model, x["testA"], common["testA"], threshold)
     metrics["transfer"] = {
         "add": {"success": (predict(classifier, added) == 1).float().mean().item(),
                 "unchanged_l1": unchanged_per_image(added, x["testB"]).mean().item()},
         "remove": {"success": (predict(classifier, removed) == 0).float().mean().item(),
                    "unchanged_l1": unchanged_per_image(removed, x["testA"]).mean().item()}}
+    if model.cfg.mask:
+        metrics["transfer"]["add"]["mask"] = mask_metrics(model, common["testB"], references,
+                                                          added, x["testB"], threshold)
 
     # diversity: each of the first B images with the separate codes of several A images
     n, r = min(DIVERSITY_IMAGES, n_b), min(DIVERSITY_REFERENCES, n_a)
     metrics["diversity"] = None
     if r > 1:
-        many = cd_decode(model, common["testB"][:n].repeat_interleave(r, 0),
-                         separate_a[reference_indices(n, r, n_a, device)])
+        many = cd_add(model, common["testB"][:n].repeat_interleave(r, 0),
+                      separate_a[reference_indices(n, r, n_a, device)],
+                      x["testB"][:n].repeat_interleave(r, 0))
         metrics["diversity"] = pairwise_diversity(many.view(n, r, *many.shape[1:]), vgg)
 
     k = min(SAMPLE_IMAGES, n_a, n_b)
@@ -786,7 +858,8 @@ BETTER = {"psnr": "higher", "mse": "lower", "linear": "lower, chance is best",
           "vgg_l1": "higher", "region_mse": "lower", "outside_mse": "lower",
           "reconstruction_mse": "lower", "transfer_gain": "higher, 1 = truth, 0 = input unchanged",
           "specific_gain": "higher, 1 = truth, <= 0 = generic",
-          "colour_share": "higher"}
+          "colour_share": "higher", "unchanged_outside_mask": "higher", "iou": "higher",
+          "best_iou": "higher"}
 
 
 def metric_rows(metrics, prefix=""):
@@ -833,9 +906,7 @@ def ground_truth_scores(args, model, cfg, out):
     from ground_truth import score_cd, score_overlord
     if cfg["method"] == "overlord":
         return printed_montage(*score_overlord(model, cfg, args.ground_truth, out))
-    scores, montage = score_cd(model, cfg, args.ground_truth, out)
-    print(montage)
-    return scores
+    return printed_montage(*score_cd(model, cfg, args.ground_truth, out, args.threshold))
 
 
 def printed_montage(scores, montage):
@@ -889,7 +960,7 @@ def evaluate_metrics(args, model, ckpt):
         notes.append(f"images under {VGG_MIN_SIDE} px: diversity's vgg_l1 is unavailable")
     if method == "cd":
         images = cd_metric_images(args, cfg)
-        metrics, tiles, per_row = cd_metrics(model, images, vgg)
+        metrics, tiles, per_row = cd_metrics(model, images, vgg, args.threshold)
         sizes = {split: len(v) for split, v in images.items()}
     else:
         metrics, ol_notes, sizes, tiles, per_row = overlord_metrics(model, cfg, ckpt["done"],
@@ -1070,10 +1141,14 @@ def main(argv=None):
         print(plot_losses(run_folder(args.load), args.out))
         if not args.metrics:
             return
+    check_threshold(args.threshold)
     device = pick_device(args.device)
-    method = load_checkpoint(args.load)["config"].get("method")
+    stored = load_checkpoint(args.load)["config"]
+    method = stored.get("method")
     if args.method and args.method != method:
         raise UserError(f"--load {args.load} holds a {method} model, not {args.method}")
+    if args.masks and not stored.get("mask"):
+        raise UserError(f"--masks: --load {args.load} was not trained with --mask")
     if method == "overlord":
         return main_overlord(args, device)
     model, ckpt = load_model(args.load, device)
@@ -1082,16 +1157,18 @@ def main(argv=None):
         evaluate_metrics(args, model, ckpt)
     elif args.ground_truth:
         evaluate_ground_truth(args, model, ckpt)
+    elif args.masks:
+        save_masks(args, model, cfg, device)
     elif args.pairs:
         apply(model, cfg, aligned(args, cfg, read_pairs(args.pairs, args.remove)), args.remove,
-              args.bs, device)
+              args.bs, device, args.threshold)
     elif args.img:
         if not args.output:
             raise UserError("--img needs --output (where to write the result)")
         if not (args.reference or args.remove):
             raise UserError("--img needs --reference (an A image) or --remove")
         apply(model, cfg, aligned(args, cfg, [(args.img, args.reference, args.output)]),
-              args.remove, 1, device)
+              args.remove, 1, device, args.threshold)
     else:
         evaluate_on_data(args, model, cfg, step)
 

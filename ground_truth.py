@@ -10,7 +10,8 @@ DIR/ground_truth/, for the first N test images of each domain at the demo's side
     removals.npy        uint8 (N, S, S, 3)     A_i without its glasses
     masks_A.npy         uint8 (N, S, S)        1 where A_i differs from its removal
     meta.json           count, size, seed, n_train, n_test, colours (A_i's colour index)
-`python eval.py --load RUN --ground_truth DIR` scores the run's model on DIR's test images.
+`python eval.py --load RUN --ground_truth DIR` scores the run's model on DIR's test images
+(a --mask model also by the IoU of its masks with masks_A and transfer_masks).
 """
 import json
 import os
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import data
+from mask_transfer import MASK_THRESHOLD, ground_truth_mask_scores, masked_removal
 from utils import UserError, save_tiles, write_json
 
 GROUND_TRUTH_DIR = data.GROUND_TRUTH_DIR
@@ -152,14 +154,18 @@ def colour_share(pred, truth, colours):
 
 
 @torch.no_grad()
-def predictions(model, x_a, x_b):
-    """(N_A, N_B, 3, R, R) in [0, 1]: pred[i, j] = B_j with A_i's separate code; and the
-    removals of A, (N_A, 3, R, R)."""
+def predictions(model, x_a, x_b, threshold=MASK_THRESHOLD):
+    """(N_A, N_B, 3, R, R) in [0, 1]: pred[i, j] = B_j with A_i's separate code (a mask model
+    composites onto B_j); and the removals of A, (N_A, 3, R, R) (a mask model's: inside its
+    mask at `threshold`)."""
     common_b = model.common_encoder(x_b)
     separate_a = model.separate_encoder(x_a)
-    pred = torch.stack([model.decode(common_b, separate_a[i:i + 1].expand(len(x_b), -1, -1, -1))
-                        for i in range(len(x_a))])
-    removed = model.decode(model.common_encoder(x_a))
+    pred = torch.stack([model.add(common_b, separate_a[i:i + 1].expand(len(x_b), -1, -1, -1),
+                                  x_b) for i in range(len(x_a))])
+    if model.cfg.mask:
+        removed = masked_removal(model, x_a, threshold)[0]
+    else:
+        removed = model.decode(model.common_encoder(x_a))
     return (pred.clamp(-1, 1) + 1) / 2, (removed.clamp(-1, 1) + 1) / 2
 
 
@@ -199,16 +205,20 @@ def montage_tiles(a, b, pred, truth_t, n=MONTAGE_PAIRS):
     return torch.stack(rows)
 
 
-def score_cd(model, cfg, root, out):
+def score_cd(model, cfg, root, out, threshold=MASK_THRESHOLD):
     """Score a CD model on root's ground truth: the dict of scores (written by the caller into
     metrics_eval.json) and the montage out/ground_truth_montage.png."""
     truth = read_ground_truth(root)
     count, side = truth["meta"]["count"], cfg["resize"]
     device = next(model.parameters()).device
     x_a, x_b = (x.to(device) for x in test_images(root, count, cfg))
-    pred, removed = (t.float().cpu() for t in predictions(model, x_a, x_b))
+    pred, removed = (t.float().cpu() for t in predictions(model, x_a, x_b, threshold))
     a, b = ((x.float().cpu() + 1) / 2 for x in (x_a, x_b))
     scores = {"images": count, "side": side, **score_transfers(pred, removed, truth, b, side)}
+    if model.cfg.mask:
+        scores["mask"] = ground_truth_mask_scores(
+            model, x_a, x_b, mask_at(truth["masks_A"], side),
+            mask_at(truth["transfer_masks"], side), threshold)
     path = os.path.join(out, "ground_truth_montage.png")
     save_tiles(montage_tiles(a, b, pred, to_unit(truth["transfers"], side)), path, nrow=4,
                value_range=(0.0, 1.0))

@@ -12,6 +12,10 @@ discriminator tunes the result. A frozen VGG16 gives the perceptual distance.
 
 Reconstruction distances of both methods: pixel L1, GLO's Laplacian-pyramid L1 (Bojanowski et
 al., "Optimizing the Latent Space of Generative Networks", ICML 2018) and the VGG16 distance.
+
+CD's mask option (--mask): Mokady et al., "Mask Based Unsupervised Content Transfer", ICLR 2020,
+on this project's architecture: a second decoder of the same design predicts a mask and the
+content inside it, and the target's own pixels are kept outside.
 """
 import functools
 import math
@@ -161,21 +165,45 @@ class Encoder(nn.Module):
         return self.net(x)  # (N, out_channels, R / 2^(n_down+1), same)
 
 
+def decoder_layers(code_channels, n_up, n_res_blocks, out_channels):
+    """Residual blocks on the code, n_up nearest-neighbour upsamplings, 7x7 conv to
+    `out_channels` (no activation): the trunk shared by Decoder and MaskDecoder."""
+    layers = [ResidualBlock(code_channels) for _ in range(n_res_blocks)]
+    width = code_channels
+    for _ in range(n_up):
+        layers.append(UpSampleBlock(width))
+        width //= 2
+    return layers + [nn.ReflectionPad2d(3), nn.Conv2d(width, out_channels, 7, bias=False)]
+
+
 class Decoder(nn.Module):
     """Residual blocks on the code, n_up nearest-neighbour upsamplings, 7x7 conv to RGB, tanh."""
 
     def __init__(self, code_channels=512, n_up=4, n_res_blocks=3):
         super().__init__()
-        layers = [ResidualBlock(code_channels) for _ in range(n_res_blocks)]
-        width = code_channels
-        for _ in range(n_up):
-            layers.append(UpSampleBlock(width))
-            width //= 2
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, 3, 7, bias=False), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*decoder_layers(code_channels, n_up, n_res_blocks, 3), nn.Tanh())
 
     def forward(self, code):
         return self.net(code)  # (N, 3, R, R) in [-1, 1]
+
+
+def composite(mask, content, base):
+    """mask * content + (1 - mask) * base: the content inside the mask, the base elsewhere
+    (exactly the base where the mask is 0). mask (N, 1, R, R) broadcasts over the channels."""
+    return mask * content + (1 - mask) * base
+
+
+class MaskDecoder(nn.Module):
+    """The Decoder's design with a 4-channel last conv (Mokady et al., ICLR 2020, D_B): channel 0
+    is the mask m = sigmoid, channels 1-3 the content y = tanh, to be composited onto a base."""
+
+    def __init__(self, code_channels=512, n_up=4, n_res_blocks=3):
+        super().__init__()
+        self.net = nn.Sequential(*decoder_layers(code_channels, n_up, n_res_blocks, 4))
+
+    def forward(self, code):
+        h = self.net(code)
+        return torch.sigmoid(h[:, :1]), torch.tanh(h[:, 1:])  # m (N, 1, R, R), y (N, 3, R, R)
 
 
 class LatentDiscriminator(nn.Module):
@@ -200,6 +228,7 @@ class CDConfig:
     n_res_blocks: int = 3         # decoder residual blocks
     n_enc_res_blocks: int = 6     # residual blocks of each encoder
     e2_feats: int = 32            # separate encoder base width (kozistr's train.py used 512)
+    mask: bool = False            # add the mask decoder D_B of Mokady et al. (train.py --mask)
 
     @property
     def latent_side(self):
@@ -249,11 +278,17 @@ class CDModel(nn.Module):
         self.decoder = Decoder(cfg.n_tot_feats, cfg.n_blocks + 1, cfg.n_res_blocks)
         self.latent_disc = LatentDiscriminator(common_channels * cfg.latent_side ** 2,
                                                cfg.n_tot_feats)
+        if cfg.mask:  # built last, so the other networks start as those of a plain model
+            self.mask_decoder = MaskDecoder(cfg.n_tot_feats, cfg.n_blocks + 1, cfg.n_res_blocks)
+
+    def autoencoder_networks(self):
+        """The encoders and decoders (the mask model's D_B too)."""
+        nets = [self.common_encoder, self.separate_encoder, self.decoder]
+        return nets + [self.mask_decoder] if self.cfg.mask else nets
 
     def autoencoder_parameters(self):
-        """Parameters of the two encoders and the decoder (one optimiser in the original)."""
-        return [p for m in (self.common_encoder, self.separate_encoder, self.decoder)
-                for p in m.parameters()]
+        """Parameters of the encoders and decoders (one optimiser in the originals)."""
+        return [p for m in self.autoencoder_networks() for p in m.parameters()]
 
     def zero_separate(self, common):
         """The separate code of a B image: zeros shaped like E2's output."""
@@ -265,9 +300,29 @@ class CDModel(nn.Module):
             separate = self.zero_separate(common)
         return self.decoder(torch.cat([common, separate], 1))
 
+    def add(self, common, separate, base):
+        """The image of [common, separate] with the attribute: decoded whole, or (mask model)
+        D_B's content composited onto `base`, the image whose common code this is."""
+        if self.cfg.mask:
+            return composite(*self.mask_decoder(torch.cat([common, separate], 1)), base)
+        return self.decode(common, separate)
+
+    def reconstruct(self, common, separate):
+        """The image from its codes alone: decoded whole, or (mask model) D_B's content over
+        D_A's render of [common, 0], as the Recon1 term trains it."""
+        if self.cfg.mask:
+            return self.add(common, separate, self.decode(common))
+        return self.decode(common, separate)
+
+    def mask_of(self, common, separate):
+        """D_B's mask (N, 1, R, R) of [common, separate] (mask model only)."""
+        return self.mask_decoder(torch.cat([common, separate], 1))[0]
+
     def transfer(self, x_target, x_reference):
-        """The attribute of `x_reference` (A images) put on `x_target`."""
-        return self.decode(self.common_encoder(x_target), self.separate_encoder(x_reference))
+        """The attribute of `x_reference` (A images) put on `x_target` (mask model: only inside
+        the mask, the target's pixels elsewhere)."""
+        return self.add(self.common_encoder(x_target), self.separate_encoder(x_reference),
+                        x_target)
 
     def remove(self, x):
         """`x` without the attribute: its common code with a zero separate code."""
@@ -276,9 +331,10 @@ class CDModel(nn.Module):
     @torch.no_grad()
     def clamp_rho(self):
         """Keep every ILN blend weight in [0, 1] (done after each training step)."""
-        for m in self.decoder.modules():
-            if isinstance(m, ILN):
-                m.rho.clamp_(0.0, 1.0)
+        for net in self.autoencoder_networks()[2:]:
+            for m in net.modules():
+                if isinstance(m, ILN):
+                    m.rho.clamp_(0.0, 1.0)
 
 
 def build_cd(cfg):

@@ -5,6 +5,7 @@ attribute, B = without:
     python train.py --out ./result                              # built-in synthetic demo, CPU ok
     python train.py --root ./bald --out ./bald_result           # list files or trainA/... folders
     python train.py --load ./bald_result                        # resume where it stopped
+    python train.py --root ./glasses --out ./mask_run --mask     # mask-based transfer (README)
 Every --progress_iter a line goes to OUT/metrics.jsonl, every --display_iter a grid
 OUT/experiments_XXXXXX.png, every --save_iter OUT/checkpoint.
 
@@ -29,8 +30,9 @@ from tqdm import tqdm
 
 from data import (INTERPOLATIONS, EndlessBatches, LabelledImages, domain_paths, endless_loader,
                   load_prepared, make_demo, make_demo_labeled, open_image_set)
+from mask_transfer import save_mask_grids
 from models import (VGG16_WEIGHTS_FILE, VGG_MIN_SIDE, CDConfig, L1Distance, Lap1Distance,
-                    VGGDistance, build_cd, build_overlord, find_vgg_weights)
+                    VGGDistance, build_cd, build_overlord, composite, find_vgg_weights)
 from utils import (RunningMeans, StopRequest, TensorBoard, UserError, any_process, append_jsonl,
                    average_gradients, average_values, checkpoint_path, close_distributed,
                    init_distributed, load_checkpoint, load_weights, main_process_first,
@@ -58,6 +60,24 @@ ARCHITECTURE_KEYS = tuple(CDConfig.__dataclass_fields__) + ("crop", "interpolati
 REPRODUCE = {"kozistr": dict(perceptual="l2", e2_feats=512, d_codes="recompute", d_clip=0.0,
                              sampler="epochs", interpolation="bilinear", amp="off",
                              channels_last=False, compile=False)}
+
+# --mask: the loss weights of Mokady et al.'s README presets (eyewear = their code's defaults).
+# Keys are this project's flags; MB's names: alpha1, alpha2, beta1 (cycle_common), beta2
+# (cycle_separate), gama (gamma), delta, discweight (adv_weight, the seeds' name for it).
+MASK_PRESETS = {
+    "eyewear": {"alpha1": 0.7, "alpha2": 0.7, "cycle_common": 0.0, "cycle_separate": 0.001,
+                "gamma": 7.0, "delta": 5.0, "adv_weight": 0.005},
+    "smile": {"alpha1": 1.0, "alpha2": 1.0, "cycle_common": 0.0, "cycle_separate": 1e-4,
+              "gamma": 7.0, "delta": 5.0, "adv_weight": 0.005},
+    "blond_women": {"alpha1": 0.1, "alpha2": 0.1, "cycle_common": 0.0, "cycle_separate": 0.04,
+                    "gamma": 1.0, "delta": 1.0, "adv_weight": 1.0},
+    "bald_men": {"alpha1": 0.5, "alpha2": 0.5, "cycle_common": 0.0, "cycle_separate": 0.5,
+                 "gamma": 5.0, "delta": 5.0, "adv_weight": 1.0}}
+
+# --mask: each loss term and the flag that weights it.
+MASK_LOSS_WEIGHTS = {"recon1_a": "gamma", "recon1_b": "delta", "cycle_common": "cycle_common",
+                     "cycle_separate": "cycle_separate", "recon2_a": "alpha1",
+                     "recon2_b": "alpha2", "adv": "adv_weight"}
 
 # A run whose loss is not finite stops without saving. Under --amp fp16 the grad scaler skips
 # the steps whose gradients overflow (normal), so only this many non-finite steps in a row count.
@@ -92,12 +112,14 @@ def build_parser():
       help="residual blocks of each encoder")
     a("--e2_feats", type=int, default=CDConfig.e2_feats,
       help="separate encoder base width; 512 reproduces kozistr's train.py exactly")
-    a("--adv_weight", type=float, default=1e-3, help="weight of the adversarial term")
+    a("--adv_weight", type=float, default=1e-3, help="weight of the adversarial term (with "
+      "--mask: the preset's, MB's --discweight)")
     a("--perceptual", choices=CD_DISTANCES, default="l2", help="reconstruction distance: l2 "
       "(the seeds' MSE), lap1 (GLO's Laplacian-pyramid L1) or vgg (pixel + frozen VGG16 "
       "feature L1, as OverLORD; needs the weights)")
     a("--vgg_weights", default="", help=f"--perceptual vgg: path of {VGG16_WEIGHTS_FILE} "
       "(ImageNet VGG16); default: the torch hub cache. Never downloaded")
+    mask_flags(a)
     a("--d_clip", type=float, default=5.0, help="gradient-norm clip of the discriminator; "
       "0 = none (the seeds' clip never ran)")
     a("--d_codes", choices=("reuse", "recompute"), default="reuse",
@@ -133,6 +155,25 @@ def build_parser():
     return p
 
 
+def mask_flags(a):
+    """The --mask flags; each loss weight's default is the eyewear preset's."""
+    eyewear = MASK_PRESETS["eyewear"]
+    a("--mask", action="store_true", help="mask-based transfer (Mokady et al., ICLR 2020): a "
+      "second decoder D_B adds the attribute only inside the mask it predicts (README)")
+    a("--mask_preset", choices=tuple(MASK_PRESETS), default="eyewear", help="--mask: the loss "
+      "weights of MB's README for eyewear (their defaults), smile, blond_women or bald_men; "
+      "loss-weight flags given explicitly override it")
+    for flag, mb_name, term in (
+            ("gamma", "gama", "Recon1 of A: L1(D_B([cA,sA], D_A([cA,0])), A)"),
+            ("delta", "delta", "Recon1 of B: L1(D_A([cB,0]), B)"),
+            ("cycle_common", "beta1", "cycle: MSE(E1(transfer onto B), cB)"),
+            ("cycle_separate", "beta2", "cycle: MSE(E2(transfer onto B), sA)"),
+            ("alpha1", "alpha1", "Recon2 of A: L1(D_B([cA,sA], A), A)"),
+            ("alpha2", "alpha2", "Recon2 of B: L1(D_B([cB,0], B), B)")):
+        a(f"--{flag}", type=float, default=eyewear[flag],
+          help=f"--mask: weight of {term} (MB's --{mb_name})")
+
+
 def explicit_flags(parser, argv):
     """dests of the flags written on the command line (so presets never override them)."""
     given = {arg.split("=")[0] for arg in argv if arg.startswith("-")}
@@ -161,12 +202,19 @@ def resolve_config(argv):
                             f"its data is: give --root")
     elif not args.root:
         cfg.update({k: v for k, v in DEMO_PRESET.items() if k not in explicit})
+    if cfg["mask"] and cfg["reproduce"]:
+        raise UserError(f"--reproduce {cfg['reproduce']} is the seed's loop, which has no mask "
+                        f"decoder: drop --mask or --reproduce")
+    if cfg["mask"] and cfg.get("perceptual", "l2") != "l2":
+        raise UserError(f"--perceptual {cfg['perceptual']} is plain CD's reconstruction distance; "
+                        f"--mask trains with Mokady et al.'s L1 and MSE terms: drop one of them")
     for key, value in REPRODUCE.get(cfg["reproduce"], {}).items():
         if key in explicit and cfg[key] != value:
             raise UserError(f"--reproduce {cfg['reproduce']} sets --{key} {value}; drop "
                             f"--{key} {cfg[key]}, or --reproduce")
         cfg[key] = value
     cfg["method"] = "cd"
+    resolve_mask_flags(cfg, explicit, resumed=ckpt is not None)
     CDConfig.from_dict(cfg).validate()
     for key in ("bs", "iters", "progress_iter", "display_iter", "save_iter", "num_display"):
         if cfg[key] <= 0:
@@ -174,6 +222,23 @@ def resolve_config(argv):
     if cfg["n_threads"] < 0:
         raise UserError("--n_threads/--workers must be >= 0")
     return cfg, ckpt
+
+
+def resolve_mask_flags(cfg, explicit, resumed):
+    """Apply the --mask_preset to the loss weights not given explicitly (a resumed run keeps its
+    own unless --mask_preset is given again); reject mask flags without --mask and bad values."""
+    weights = [*MASK_PRESETS["eyewear"], "mask_preset"]
+    if not cfg["mask"]:
+        given = [k for k in weights if k in explicit and k != "adv_weight"]
+        if given:
+            raise UserError(f"--{given[0]} is a --mask setting: add --mask")
+        return
+    if not resumed or "mask_preset" in explicit:
+        cfg.update({k: v for k, v in MASK_PRESETS[cfg["mask_preset"]].items()
+                    if k not in explicit})
+    for key in MASK_PRESETS["eyewear"]:
+        if not (math.isfinite(cfg[key]) and cfg[key] >= 0):
+            raise UserError(f"--{key} {cfg[key]} must be a finite number >= 0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,6 +270,41 @@ def autoencoder_losses(model, x_a, x_b, adv_weight, distance=F.mse_loss):
               "adv": adversarial_loss(logits[:n].float(), 0)
               + adversarial_loss(logits[n:].float(), 0)}
     losses["ae"] = losses["recon_a"] + losses["recon_b"] + adv_weight * losses["adv"]
+    return losses, common
+
+
+def mask_autoencoder_losses(model, x_a, x_b, cfg):
+    """Mokady et al.'s terms (SPEC D, README): D_A = model.decoder renders [common, 0], D_B =
+    model.mask_decoder composites its content onto a base. Returns (losses, common codes of
+    [A, B]); losses also holds the mean mask area of A (logged, not trained)."""
+    n = x_a.shape[0]
+    common = model.common_encoder(torch.cat([x_a, x_b]))  # (2N, T-S, r, r)
+    common_a, common_b = common[:n], common[n:]
+    separate_a = model.separate_encoder(x_a)
+    plain = model.decode(common)                          # D_A([c, 0]) of A and B
+    codes = torch.cat([torch.cat([common_a, separate_a], 1),
+                       torch.cat([common_b, model.zero_separate(common_b)], 1),
+                       torch.cat([common_b, separate_a], 1)])  # A, B, A's attribute on B
+    masks, contents = model.mask_decoder(codes)
+    (m_a, m_b, m_t), (y_a, y_b, y_t) = masks.chunk(3), contents.chunk(3)
+    transferred = composite(m_t, y_t, x_b)
+    # E1 of the transfer only feeds the cycle_common term; at weight 0 (every preset) it needs
+    # no graph, and the column still shows its value
+    cycle_grad = torch.enable_grad() if cfg["cycle_common"] else torch.no_grad()
+    with cycle_grad:
+        cycle_common = F.mse_loss(model.common_encoder(transferred).float(), common_b.float())
+    logits = model.latent_disc(common)
+    losses = {
+        "recon1_a": F.l1_loss(composite(m_a, y_a, plain[:n]).float(), x_a),
+        "recon1_b": F.l1_loss(plain[n:].float(), x_b),
+        "cycle_common": cycle_common,
+        "cycle_separate": F.mse_loss(model.separate_encoder(transferred).float(),
+                                     separate_a.float()),
+        "recon2_a": F.l1_loss(composite(m_a, y_a, x_a).float(), x_a),
+        "recon2_b": F.l1_loss(composite(m_b, y_b, x_b).float(), x_b),
+        "adv": adversarial_loss(logits[:n].float(), 0) + adversarial_loss(logits[n:].float(), 0)}
+    losses["ae"] = sum(cfg[weight] * losses[term] for term, weight in MASK_LOSS_WEIGHTS.items())
+    losses["mask_area"] = m_a.detach().float().mean()
     return losses, common
 
 
@@ -306,7 +406,11 @@ def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None, distance=F.mse_
     amp = autocast(x_a.device, cfg.get("amp", "off"))
     model.latent_disc.requires_grad_(False)
     with amp:
-        losses, common = autoencoder_losses(model, x_a, x_b, cfg["adv_weight"], distance)
+        if cfg.get("mask"):
+            losses, common = mask_autoencoder_losses(model, x_a, x_b, cfg)
+        else:
+            losses, common = autoencoder_losses(model, x_a, x_b, cfg["adv_weight"],
+                                                 distance)
     optimise(ae_opt, losses["ae"], AE_CLIP_NORM, scaler)
 
     model.latent_disc.requires_grad_(True)
@@ -384,7 +488,8 @@ def divergence_error(what, where, saved, resume_hint):
 def compile_model(model):
     """torch.compile each CD network in place (checkpoints stay loadable: the '_orig_mod.'
     prefix is stripped on load)."""
-    for name in ("common_encoder", "separate_encoder", "decoder", "latent_disc"):
+    names = ["common_encoder", "separate_encoder", "decoder", "latent_disc"]
+    for name in names + (["mask_decoder"] if model.cfg.mask else []):
         setattr(model, name, torch.compile(getattr(model, name)))
     return model
 
@@ -395,14 +500,15 @@ def compile_model(model):
 @torch.no_grad()
 def transfer_tiles(model, x_a, x_b):
     """Tiles of the seeds' grid: a blank corner, B along the top, then per row A_i followed by
-    decode(common of B_j, separate of A_i) for every j. Returns ((n+1)^2, 3, R, R)."""
+    decode(common of B_j, separate of A_i) for every j (mask model: composited onto B_j).
+    Returns ((n+1)^2, 3, R, R)."""
     was_training = model.training
     model.eval()
     common_b, separate_a = model.common_encoder(x_b), model.separate_encoder(x_a)
     rows = [torch.cat([torch.zeros_like(x_b[:1]), x_b])]
     for i in range(x_a.shape[0]):
         separate = separate_a[i:i + 1].expand(x_b.shape[0], -1, -1, -1)
-        rows.append(torch.cat([x_a[i:i + 1], model.decode(common_b, separate)]))
+        rows.append(torch.cat([x_a[i:i + 1], model.add(common_b, separate, x_b)]))
     model.train(was_training)
     return torch.cat(rows)
 
@@ -441,6 +547,13 @@ def checkpoint_state(model, ae_opt, d_opt, step, cfg, scaler=None):
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     return state
+
+
+def shown_losses(cfg):
+    """The losses on the progress bar: the total and D's, or (--mask) every term and the area."""
+    if cfg["mask"]:
+        return (*MASK_LOSS_WEIGHTS, "mask_area", "disc")
+    return ("ae", "disc")
 
 
 def lower_lr_hint(out, lr):
@@ -548,14 +661,17 @@ def main_cd(argv):
                 if main:
                     append_jsonl(os.path.join(out, "metrics.jsonl"), record)
                     board.scalars(record, step)
-                bar.set_postfix(ae=f"{record['ae']:.4f}", disc=f"{record['disc']:.4f}",
-                                img_s=f"{img_per_s:.1f}")
+                bar.set_postfix({**{k: f"{record[k]:.4f}" for k in shown_losses(cfg)},
+                                 "img_s": f"{img_per_s:.1f}"})
                 means.reset()
                 tick, tick_step = time.time(), step
             if (step % cfg["display_iter"] == 0 or last) and main:
                 grid = os.path.join(out, f"experiments_{step:06d}.png")
                 save_transfer_grid(model, fixed_a, fixed_b, grid)
                 board.image_file("experiments", grid, step)
+                if cfg["mask"]:
+                    for name, path in save_mask_grids(model, fixed_a, fixed_b, out, step):
+                        board.image_file(name, path, step)
             if step % cfg["save_iter"] == 0 or last:
                 save()
     bar.close()
