@@ -1,7 +1,8 @@
 """Checks that need a CUDA GPU (skipped without one, so CI stays green). On a GPU machine:
     python -m pytest -q tests/test_cuda.py
-Both methods train and resume on cuda in fp32, --amp bf16, --amp fp16, --channels_last and
---compile, with finite losses close to the CPU's first step; eval.py's grids, apply mode and
+Both methods (and CD's --mask) train and resume on cuda in fp32, --amp bf16, --amp fp16,
+--channels_last and --compile, with finite losses close to the CPU's first step (--mask: finite,
+and its removal and masks run there); eval.py's grids, apply mode and
 --metrics run there; the collective helpers run on an NCCL process group (torchrun, one process
 per GPU, a group of one on a single GPU) with CUDA tensors and with the values they log."""
 import json
@@ -84,6 +85,25 @@ def test_cd_eval_grids_apply_and_metrics_on_cuda(domains, tmp_path):
     evaluate.main(["--load", run, "--metrics", "--metrics_images", "4", *CUDA])
     report = json.loads(open(os.path.join(run, "metrics_eval.json")).read())
     assert report["metrics"]["reconstruction"]["A"]["psnr"] > 0
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cd_mask_trains_resumes_and_removes_on_cuda(mode, domains, tmp_path):
+    run = str(tmp_path / "run")
+    args = ["--root", domains, "--progress_iter", "1", "--display_iter", "2", "--out", run,
+            "--mask", *TINY_CD, *CUDA, *MODES[mode]]
+    train.main([*args, "--iters", "2"])
+    train.main(["--load", run, "--iters", "3"])
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(finite(r, (*train.MASK_LOSS_WEIGHTS, "mask_area", "ae", "disc")) for r in records)
+    assert os.path.exists(os.path.join(run, "segmentation_000002.png"))
+    a = os.path.join(domains, "testA", "0.png")
+    evaluate.main(["--load", run, "--img", a, "--remove", "--output",
+                   str(tmp_path / "plain.png"), *CUDA])
+    evaluate.main(["--load", run, "--masks", str(tmp_path / "masks"), "--img", a, *CUDA])
+    assert len(os.listdir(tmp_path / "masks")) == 2
 
 
 def overlord_args(prepared, run):
