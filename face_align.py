@@ -23,6 +23,8 @@ Public interface (the face metrics reuse the landmarks):
                                         given file, else the one in face-recognition-models);
                                         UserError naming ALIGN_INSTALL or the bad path
       .detect(rgb_uint8) -> [np.ndarray (68, 2) float64 of (x, y)], largest face first, [] if none
+      .shapes(rgb_uint8) -> the same faces as dlib shapes (for dlib's face-recognition network)
+    shape_points(shape) -> (68, 2)      a dlib shape's points
     packaged_model(name)                path of a model file shipped in face-recognition-models
     ffhq_quad(landmarks) -> (4, 2)      the recipe's quad: top-left, bottom-left, bottom-right,
                                         top-right corners
@@ -120,17 +122,27 @@ class FaceLandmarks:
                                       (b.left(), b.top(), b.right(), b.bottom())))
                 for b, _ in ranked]
 
-    def detect(self, rgb):
-        """[(68, 2) float64 (x, y) landmarks] of each face in HxWx3 uint8 `rgb`, largest first."""
-        rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    def shapes(self, rgb):
+        """dlib's 68-point shapes (full_object_detection) of the faces in HxWx3 uint8 `rgb`,
+        largest first; `rgb` must be C-contiguous uint8."""
         found = []
         for box in self.faces(rgb):
             shape = self.predictor(rgb, box)
             if shape.num_parts != 68:
                 raise UserError(f"--landmarks {self.path!r}: a {shape.num_parts}-point "
                                 f"predictor, not dlib's 68-point {PREDICTOR_FILE}")
-            found.append(np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64))
+            found.append(shape)
         return found
+
+    def detect(self, rgb):
+        """[(68, 2) float64 (x, y) landmarks] of each face in HxWx3 uint8 `rgb`, largest first."""
+        return [shape_points(shape)
+                for shape in self.shapes(np.ascontiguousarray(rgb, dtype=np.uint8))]
+
+
+def shape_points(shape):
+    """(68, 2) float64 (x, y) points of a dlib shape."""
+    return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------------------------
