@@ -603,8 +603,9 @@ def cd_decode(model, common, separate=None):
     return batched(lambda c, s: (model.decode(c, s) + 1) / 2, common, separate)
 
 
-def cd_metrics(model, images, vgg):
-    """(metrics, sample tiles, tiles per row) of a CD model on images from cd_metric_images."""
+def cd_metrics(model, images, vgg, keep=None):
+    """(metrics, sample tiles, tiles per row) of a CD model on images from cd_metric_images;
+    `keep` (a dict) receives the test codes and translations, for --paper to score."""
     device = next(model.parameters()).device
     x = {split: v.to(device) for split, v in images.items()}
     common = {split: cd_encode(model.common_encoder, v) for split, v in x.items()}
@@ -627,6 +628,8 @@ def cd_metrics(model, images, vgg):
         torch.cat([x["testA"], x["testB"]]), test_labels, 2)
     added = cd_decode(model, common["testB"], separate_a[torch.arange(n_b, device=device) % n_a])
     removed = cd_decode(model, common["testA"])
+    if keep is not None:
+        keep.update(common_b=common["testB"], separate_a=separate_a, added=added, removed=removed)
     metrics["transfer"] = {
         "add": {"success": (predict(classifier, added) == 1).float().mean().item(),
                 "unchanged_l1": unchanged_per_image(added, x["testB"]).mean().item()},
@@ -900,7 +903,8 @@ def evaluate_metrics(args, model, ckpt):
         notes.append(f"images under {VGG_MIN_SIDE} px: diversity's vgg_l1 is unavailable")
     if method == "cd":
         images = cd_metric_images(args, cfg)
-        metrics, tiles, per_row = cd_metrics(model, images, vgg)
+        translations = {}
+        metrics, tiles, per_row = cd_metrics(model, images, vgg, translations)
         sizes = {split: len(v) for split, v in images.items()}
         trained = f"iteration {ckpt['step']}"
     else:
@@ -914,7 +918,7 @@ def evaluate_metrics(args, model, ckpt):
     settings = metrics_settings(args)
     if args.paper:
         metrics["paper"], paper_notes, settings["paper"] = paper_metrics.paper_section(
-            model, ckpt, networks, images if method == "cd" else None, args)
+            model, ckpt, networks, (images, translations) if method == "cd" else None, args)
         notes += paper_notes
     report = {"method": method, "run": run_folder(args.load), "trained": trained,
               "data": os.path.abspath(args.data or cfg["root"]), "images": sizes,

@@ -17,7 +17,7 @@ pytorch-fid's blocks), from --inception_weights or the torch hub cache; AlexNet 
 
 Public interface:
     paper_networks(args, cfg) -> PaperNetworks       eval.py loads them first, then calls
-    paper_section(model, ckpt, networks, images, args) -> (section, notes, settings)
+    paper_section(model, ckpt, networks, cd_scored, args) -> (section, notes, settings)
     load_inception(path) / load_lpips(path)     networks from local weights, or UserError
     InceptionFeatures(variant, state)           [0, 1] images -> (N, 2048) pool features
     frechet_distance(mu1, cov1, mu2, cov2), fid(real, fake), kid(real, fake)
@@ -454,18 +454,15 @@ def quantised(x):
     return (x.clamp(0, 1) * 255).round() / 255
 
 
-def cd_directions(model, images):
-    """(pools, [add, remove]) of a CD model on eval.cd_metric_images' test images, paired as
-    eval.cd_metrics pairs them: add = B_j with A_(j mod n_A)'s separate code (B->A, against
-    real testA), remove = A_i with the zero code (A->B, against real testB). Add's diversity:
-    each of the first B images with several A images' codes."""
+def cd_directions(model, images, kept):
+    """(pools, [add, remove]) of a CD model: eval.cd_metrics' translations of the test images
+    (`kept` by it): add = B_j with A_(j mod n_A)'s separate code (B->A, against real testA),
+    remove = A_i with the zero code (A->B, against real testB). Add's diversity: each of the
+    first B images with several A images' codes."""
     device = next(model.parameters()).device
     x_a, x_b = images["testA"].to(device), images["testB"].to(device)
     n_a, n_b = len(x_a), len(x_b)
-    common_b = ev.cd_encode(model.common_encoder, x_b)
-    separate_a = ev.cd_encode(model.separate_encoder, x_a)
-    added = ev.cd_decode(model, common_b, separate_a[torch.arange(n_b, device=device) % n_a])
-    removed = ev.cd_decode(model, ev.cd_encode(model.common_encoder, x_a))
+    common_b, separate_a = kept["common_b"], kept["separate_a"]
     n, r = min(LPIPS_IMAGES, n_b), min(LPIPS_TRANSLATIONS, n_a)
     diverse = None
     if r > 1:
@@ -475,9 +472,9 @@ def cd_directions(model, images):
     rows_a, rows_b = torch.arange(n_a), torch.arange(n_b)
     pools = {"testA": quantised(x_a), "testB": quantised(x_b)}
     return pools, [
-        Direction("add", ("testA", rows_a), quantised(added), ("testB", rows_b),
+        Direction("add", ("testA", rows_a), quantised(kept["added"]), ("testB", rows_b),
                   ("testB", rows_b), diverse),
-        Direction("remove", ("testB", rows_b), quantised(removed), ("testA", rows_a),
+        Direction("remove", ("testB", rows_b), quantised(kept["removed"]), ("testA", rows_a),
                   ("testA", rows_a), None)]
 
 
@@ -673,16 +670,16 @@ def paper_networks(args, cfg):
                          {"fid": why_not_fid, "lpips": why_not_lpips, "face": why_not_face})
 
 
-def paper_section(model, ckpt, networks, images=None, args=None):
-    """(section, notes, settings) of eval.py --metrics --paper: CD on `images` (from
-    eval.cd_metric_images), OverLORD on eval.overlord_metrics' held-out split (from --data and
-    --metrics_images in `args`)."""
+def paper_section(model, ckpt, networks, cd_scored=None, args=None):
+    """(section, notes, settings) of eval.py --metrics --paper: CD on cd_scored = (images of
+    eval.cd_metric_images, the translations eval.cd_metrics kept), OverLORD on
+    eval.overlord_metrics' held-out split (from --data and --metrics_images in `args`)."""
     cfg, notes = ckpt["config"], []
     if cfg["method"] == "overlord" and "amortization" not in ckpt["done"]:
         return None, ["paper: the translations need the amortisation stage"], {}
     device = next(model.parameters()).device
     if cfg["method"] == "cd":
-        pools, directions = cd_directions(model, images)
+        pools, directions = cd_directions(model, *cd_scored)
     else:
         pools, directions = overlord_directions(model, cfg, args)
     if not directions:
