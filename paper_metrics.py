@@ -19,7 +19,7 @@ Public interface:
     paper_networks(args, cfg) -> PaperNetworks       eval.py loads them first, then calls
     paper_section(model, ckpt, networks, cd_scored, args) -> (section, notes, settings)
     load_inception(path) / load_lpips(path)     networks from local weights, or UserError
-    InceptionFeatures(variant, state)           [0, 1] images -> (N, 2048) pool features
+    InceptionFeatures(variant, state, source)   [0, 1] images -> (N, 2048) pool features
     frechet_distance(mu1, cov1, mu2, cov2), fid(real, fake), kid(real, fake)
     lpips_diversity(net, groups)                (N, R, 3, H, W) -> (N,) mean pairwise LPIPS
     FaceMeter(landmarks_path), head_pose(landmarks, shape), face_scores(pairs)
@@ -180,17 +180,14 @@ def fold_batch_norms(module):
 
 class InceptionFeatures(nn.Module):
     """InceptionV3's 2048-d pool features of [0, 1] images, bilinearly resized to 299 px and
-    normalised as `variant`'s weights expect. state=None: random weights (tests only)."""
+    normalised as `variant`'s weights expect, from a state dict read from `source`."""
 
-    def __init__(self, variant, state=None, source="random weights"):
+    def __init__(self, variant, state, source):
         super().__init__()
-        if state is None:
+        with torch.device("meta"):   # built without initialising the weights the file replaces
             net = inception_network(variant)
-        else:   # built without initialising 27M weights that the file replaces
-            with torch.device("meta"):
-                net = inception_network(variant)
-            check_state(net.state_dict(), state, source, f"a {variant} InceptionV3")
-            net.load_state_dict(state, assign=True)
+        check_state(net.state_dict(), state, source, f"a {variant} InceptionV3")
+        net.load_state_dict(state, assign=True)
         self.variant, self.source = variant, source
         self.layers = fold_batch_norms(nn.Sequential(*(getattr(net, n) for n in FEATURE_LAYERS)))
         mean, std = NORMALISATION[variant]
@@ -315,7 +312,7 @@ def kid(real, fake, blocks=KID_BLOCKS, seed=0):
 
 def load_lpips(path):
     """The `lpips` package's AlexNet LPIPS (its learned heads ship inside the package) with the
-    AlexNet ImageNet weights at `path` (None: random, for tests); UserError for a wrong file."""
+    AlexNet ImageNet weights at `path`; UserError for a wrong file."""
     try:
         import lpips
     except ImportError:
@@ -323,16 +320,14 @@ def load_lpips(path):
     with warnings.catch_warnings():   # lpips asks torchvision for pretrained=False: deprecated
         warnings.simplefilter("ignore")
         net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-    if path is not None:
-        state = read_state(path, "a torchvision AlexNet")
-        # lpips keeps AlexNet's layer features.i as slice{k}.i; the classifier is not used
-        features = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        expected = {f"features.{name.split('.', 1)[1]}": (name, value)
-                    for name, value in net.net.state_dict().items()}
-        check_state({k: v for k, (_, v) in expected.items()}, features, path,
-                    "a torchvision AlexNet")
-        net.net.load_state_dict({name: features[k] for k, (name, _) in expected.items()})
-    net.source = path or "random weights"
+    state = read_state(path, "a torchvision AlexNet")
+    # lpips keeps AlexNet's layer features.i as slice{k}.i; the classifier is not used
+    features = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    expected = {f"features.{name.split('.', 1)[1]}": (name, value)
+                for name, value in net.net.state_dict().items()}
+    check_state({k: v for k, (_, v) in expected.items()}, features, path, "a torchvision AlexNet")
+    net.net.load_state_dict({name: features[k] for k, (name, _) in expected.items()})
+    net.source = path
     return net.requires_grad_(False).eval()
 
 
