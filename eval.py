@@ -668,8 +668,9 @@ def mask_metrics(model, common_b, separate, added, x_b, threshold):
             "mask_area": float((masks >= threshold).float().mean()), "threshold": threshold}
 
 
-def cd_metrics(model, images, vgg, threshold=MASK_THRESHOLD):
-    """(metrics, sample tiles, tiles per row) of a CD model on images from cd_metric_images."""
+def cd_metrics(model, images, vgg, threshold=MASK_THRESHOLD, keep=None):
+    """(metrics, sample tiles, tiles per row) of a CD model on images from cd_metric_images;
+    `keep` (a dict) receives the test codes and translations, for --paper to score."""
     device = next(model.parameters()).device
     x = {split: v.to(device) for split, v in images.items()}
     common = {split: cd_encode(model.common_encoder, v) for split, v in x.items()}
@@ -694,6 +695,8 @@ def cd_metrics(model, images, vgg, threshold=MASK_THRESHOLD):
     references = separate_a[torch.arange(n_b, device=device) % n_a]
     added = cd_add(model, common["testB"], references, x["testB"])
     removed = cd_remove(model, x["testA"], common["testA"], threshold)
+    if keep is not None:
+        keep.update(common_b=common["testB"], separate_a=separate_a, added=added, removed=removed)
     metrics["transfer"] = {
         "add": {"success": (predict(classifier, added) == 1).float().mean().item(),
                 "unchanged_l1": unchanged_per_image(added, x["testB"]).mean().item()},
@@ -985,7 +988,8 @@ def evaluate_metrics(args, model, ckpt):
         notes.append(f"images under {VGG_MIN_SIDE} px: diversity's vgg_l1 is unavailable")
     if method == "cd":
         images = cd_metric_images(args, cfg)
-        metrics, tiles, per_row = cd_metrics(model, images, vgg, args.threshold)
+        translations = {}
+        metrics, tiles, per_row = cd_metrics(model, images, vgg, args.threshold, translations)
         sizes = {split: len(v) for split, v in images.items()}
     else:
         metrics, ol_notes, sizes, tiles, per_row = overlord_metrics(model, cfg, ckpt["done"],
@@ -997,7 +1001,7 @@ def evaluate_metrics(args, model, ckpt):
     settings = metrics_settings(args)
     if args.paper:
         metrics["paper"], paper_notes, settings["paper"] = paper_metrics.paper_section(
-            model, ckpt, networks, images if method == "cd" else None, args)
+            model, ckpt, networks, (images, translations) if method == "cd" else None, args)
         notes += paper_notes
     report = {"method": method, "run": run_folder(args.load), "trained": trained_for(ckpt),
               "data": os.path.abspath(args.data or cfg["root"]), "images": sizes,

@@ -17,9 +17,9 @@ pytorch-fid's blocks), from --inception_weights or the torch hub cache; AlexNet 
 
 Public interface:
     paper_networks(args, cfg) -> PaperNetworks       eval.py loads them first, then calls
-    paper_section(model, ckpt, networks, images, args) -> (section, notes, settings)
+    paper_section(model, ckpt, networks, cd_scored, args) -> (section, notes, settings)
     load_inception(path) / load_lpips(path)     networks from local weights, or UserError
-    InceptionFeatures(variant, state)           [0, 1] images -> (N, 2048) pool features
+    InceptionFeatures(variant, state, source)   [0, 1] images -> (N, 2048) pool features
     frechet_distance(mu1, cov1, mu2, cov2), fid(real, fake), kid(real, fake)
     lpips_diversity(net, groups)                (N, R, 3, H, W) -> (N,) mean pairwise LPIPS
     FaceMeter(landmarks_path), head_pose(landmarks, shape), face_scores(pairs)
@@ -180,17 +180,14 @@ def fold_batch_norms(module):
 
 class InceptionFeatures(nn.Module):
     """InceptionV3's 2048-d pool features of [0, 1] images, bilinearly resized to 299 px and
-    normalised as `variant`'s weights expect. state=None: random weights (tests only)."""
+    normalised as `variant`'s weights expect, from a state dict read from `source`."""
 
-    def __init__(self, variant, state=None, source="random weights"):
+    def __init__(self, variant, state, source):
         super().__init__()
-        if state is None:
+        with torch.device("meta"):   # built without initialising the weights the file replaces
             net = inception_network(variant)
-        else:   # built without initialising 27M weights that the file replaces
-            with torch.device("meta"):
-                net = inception_network(variant)
-            check_state(net.state_dict(), state, source, f"a {variant} InceptionV3")
-            net.load_state_dict(state, assign=True)
+        check_state(net.state_dict(), state, source, f"a {variant} InceptionV3")
+        net.load_state_dict(state, assign=True)
         self.variant, self.source = variant, source
         self.layers = fold_batch_norms(nn.Sequential(*(getattr(net, n) for n in FEATURE_LAYERS)))
         mean, std = NORMALISATION[variant]
@@ -315,7 +312,7 @@ def kid(real, fake, blocks=KID_BLOCKS, seed=0):
 
 def load_lpips(path):
     """The `lpips` package's AlexNet LPIPS (its learned heads ship inside the package) with the
-    AlexNet ImageNet weights at `path` (None: random, for tests); UserError for a wrong file."""
+    AlexNet ImageNet weights at `path`; UserError for a wrong file."""
     try:
         import lpips
     except ImportError:
@@ -323,16 +320,14 @@ def load_lpips(path):
     with warnings.catch_warnings():   # lpips asks torchvision for pretrained=False: deprecated
         warnings.simplefilter("ignore")
         net = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
-    if path is not None:
-        state = read_state(path, "a torchvision AlexNet")
-        # lpips keeps AlexNet's layer features.i as slice{k}.i; the classifier is not used
-        features = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        expected = {f"features.{name.split('.', 1)[1]}": (name, value)
-                    for name, value in net.net.state_dict().items()}
-        check_state({k: v for k, (_, v) in expected.items()}, features, path,
-                    "a torchvision AlexNet")
-        net.net.load_state_dict({name: features[k] for k, (name, _) in expected.items()})
-    net.source = path or "random weights"
+    state = read_state(path, "a torchvision AlexNet")
+    # lpips keeps AlexNet's layer features.i as slice{k}.i; the classifier is not used
+    features = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    expected = {f"features.{name.split('.', 1)[1]}": (name, value)
+                for name, value in net.net.state_dict().items()}
+    check_state({k: v for k, (_, v) in expected.items()}, features, path, "a torchvision AlexNet")
+    net.net.load_state_dict({name: features[k] for k, (name, _) in expected.items()})
+    net.source = path
     return net.requires_grad_(False).eval()
 
 
@@ -454,30 +449,28 @@ def quantised(x):
     return (x.clamp(0, 1) * 255).round() / 255
 
 
-def cd_directions(model, images):
-    """(pools, [add, remove]) of a CD model on eval.cd_metric_images' test images, paired as
-    eval.cd_metrics pairs them: add = B_j with A_(j mod n_A)'s separate code (B->A, against
-    real testA), remove = A_i with the zero code (A->B, against real testB). Add's diversity:
-    each of the first B images with several A images' codes."""
+def cd_directions(model, images, kept):
+    """(pools, [add, remove]) of a CD model: eval.cd_metrics' translations of the test images
+    (`kept` by it): add = B_j with A_(j mod n_A)'s separate code (B->A, against real testA),
+    remove = A_i with the zero code (A->B, against real testB). Add's diversity: each of the
+    first B images with several A images' codes."""
     device = next(model.parameters()).device
     x_a, x_b = images["testA"].to(device), images["testB"].to(device)
     n_a, n_b = len(x_a), len(x_b)
-    common_b = ev.cd_encode(model.common_encoder, x_b)
-    separate_a = ev.cd_encode(model.separate_encoder, x_a)
-    added = ev.cd_decode(model, common_b, separate_a[torch.arange(n_b, device=device) % n_a])
-    removed = ev.cd_decode(model, ev.cd_encode(model.common_encoder, x_a))
+    common_b, separate_a = kept["common_b"], kept["separate_a"]
     n, r = min(LPIPS_IMAGES, n_b), min(LPIPS_TRANSLATIONS, n_a)
     diverse = None
     if r > 1:
-        many = ev.cd_decode(model, common_b[:n].repeat_interleave(r, 0),
-                            separate_a[ev.reference_indices(n, r, n_a, device)])
+        many = ev.cd_add(model, common_b[:n].repeat_interleave(r, 0),  # mask models: onto B
+                         separate_a[ev.reference_indices(n, r, n_a, device)],
+                         x_b[:n].repeat_interleave(r, 0))
         diverse = quantised(many.view(n, r, *many.shape[1:]))
     rows_a, rows_b = torch.arange(n_a), torch.arange(n_b)
     pools = {"testA": quantised(x_a), "testB": quantised(x_b)}
     return pools, [
-        Direction("add", ("testA", rows_a), quantised(added), ("testB", rows_b),
+        Direction("add", ("testA", rows_a), quantised(kept["added"]), ("testB", rows_b),
                   ("testB", rows_b), diverse),
-        Direction("remove", ("testB", rows_b), quantised(removed), ("testA", rows_a),
+        Direction("remove", ("testB", rows_b), quantised(kept["removed"]), ("testA", rows_a),
                   ("testA", rows_a), None)]
 
 
@@ -673,16 +666,16 @@ def paper_networks(args, cfg):
                          {"fid": why_not_fid, "lpips": why_not_lpips, "face": why_not_face})
 
 
-def paper_section(model, ckpt, networks, images=None, args=None):
-    """(section, notes, settings) of eval.py --metrics --paper: CD on `images` (from
-    eval.cd_metric_images), OverLORD on eval.overlord_metrics' held-out split (from --data and
-    --metrics_images in `args`)."""
+def paper_section(model, ckpt, networks, cd_scored=None, args=None):
+    """(section, notes, settings) of eval.py --metrics --paper: CD on cd_scored = (images of
+    eval.cd_metric_images, the translations eval.cd_metrics kept), OverLORD on
+    eval.overlord_metrics' held-out split (from --data and --metrics_images in `args`)."""
     cfg, notes = ckpt["config"], []
     if cfg["method"] == "overlord" and "amortization" not in ckpt["done"]:
         return None, ["paper: the translations need the amortisation stage"], {}
     device = next(model.parameters()).device
     if cfg["method"] == "cd":
-        pools, directions = cd_directions(model, images)
+        pools, directions = cd_directions(model, *cd_scored)
     else:
         pools, directions = overlord_directions(model, cfg, args)
     if not directions:
