@@ -1,5 +1,5 @@
-"""The field's standard figures for image translation, offline (README "Paper metrics"), for
-`python eval.py --load RUN --metrics --paper`:
+"""The field's standard figures for image translation, offline, for `python eval.py --load RUN
+--metrics --paper` (README: the papers' figures):
 
 - FID and KID between the real images of a target domain (or label) and the translations into
   it, on InceptionV3's 2048-d pool features: images resized to 299 px and normalised as the
