@@ -100,7 +100,7 @@ def build_parser():
     a("--paper", action="store_true", help="--metrics: add the field's figures as the "
       "section 'paper': FID and KID per direction or label (InceptionV3), LPIPS diversity "
       "(AlexNet) and, for faces, dlib's identity, landmark and head-pose errors; needs "
-      "requirements-metrics.txt (README 'Paper metrics')")
+      "requirements-metrics.txt (README: the papers' figures)")
     a("--inception_weights", default="", help="--paper: InceptionV3 weights for FID and KID, "
       "torchvision's inception_v3_google-*.pth or pytorch-fid's "
       "pt_inception-2015-12-05-*.pth (default: the torch hub cache, pytorch-fid's first; "

@@ -1,5 +1,5 @@
-"""The field's standard figures for image translation, offline (README "Paper metrics"), for
-`python eval.py --load RUN --metrics --paper`:
+"""The field's standard figures for image translation, offline, for `python eval.py --load RUN
+--metrics --paper` (README: the papers' figures):
 
 - FID and KID between the real images of a target domain (or label) and the translations into
   it, on InceptionV3's 2048-d pool features: images resized to 299 px and normalised as the
@@ -62,7 +62,7 @@ KERNEL_ROWS = 1024          # KID's kernel matrices are summed this many rows at
 LPIPS_IMAGES = 64           # content images translated LPIPS_TRANSLATIONS times each
 LPIPS_TRANSLATIONS = 10     # translations per image (StarGAN-v2: 10)
 LPIPS_MIN_SIDE = 32         # AlexNet's strides and poolings leave nothing of smaller images
-LPIPS_BATCH = 256           # image pairs per LPIPS pass
+LPIPS_IMAGES_PER_PASS = 8   # content images (each with its translations) per LPIPS pass
 FACE_IMAGES = 32            # translations per direction or label whose faces are measured
                             # (dlib takes 0.1-0.2 s per face on a 2-core CPU)
 FACE_PROBE_IMAGES = 16      # content images looked at to decide whether the data holds faces
@@ -334,15 +334,22 @@ def load_lpips(path):
 @torch.inference_mode()
 def lpips_diversity(net, groups):
     """(N,) mean LPIPS over every pair of each image's translations; groups (N, R, 3, H, W) in
-    [0, 1] (StarGAN-v2's diversity)."""
+    [0, 1] (StarGAN-v2's diversity). The distance is lpips.LPIPS.forward's, with each
+    translation's AlexNet features computed once for its R - 1 pairs, not once per pair."""
+    import lpips
     device = next(net.parameters()).device
     r = groups.shape[1]
     first, second = torch.triu_indices(r, r, 1)
-    a, b = groups[:, first].flatten(0, 1), groups[:, second].flatten(0, 1)  # (N * pairs, 3, H, W)
-    distances = torch.cat([net(a[i:i + LPIPS_BATCH].to(device), b[i:i + LPIPS_BATCH].to(device),
-                               normalize=True).flatten().cpu()
-                           for i in range(0, len(a), LPIPS_BATCH)])
-    return distances.view(len(groups), -1).mean(1)
+    scores = []
+    for chunk in groups.split(LPIPS_IMAGES_PER_PASS):
+        x = net.scaling_layer(2 * chunk.flatten(0, 1).to(device) - 1)
+        distance = 0
+        for features, head in zip(net.net(x), net.lins):   # AlexNet's 5 ReLU outputs
+            unit = lpips.normalize_tensor(features).unflatten(0, (len(chunk), r))
+            squared = (unit[:, first] - unit[:, second]).flatten(0, 1) ** 2    # (n * pairs, ...)
+            distance = distance + lpips.spatial_average(head(squared)).flatten()
+        scores.append(distance.view(len(chunk), -1).mean(1).cpu())
+    return torch.cat(scores)
 
 
 # ------------------------------------------------------------------------------------------------

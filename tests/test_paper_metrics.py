@@ -196,7 +196,8 @@ def test_inception_pipeline_end_to_end(variant, weight_files):
 
 
 @needs_libraries
-def test_lpips_diversity_on_a_random_alexnet(weight_files):
+def test_lpips_diversity_on_a_random_alexnet(weight_files, monkeypatch):
+    monkeypatch.setattr(pm, "LPIPS_IMAGES_PER_PASS", 2)          # 3 images: two passes
     net = pm.load_lpips(weight_files["alexnet"])
     state = torch.load(weight_files["alexnet"], weights_only=True)
     assert torch.equal(net.net.slice1[0].weight, state["features.0.weight"])
@@ -207,7 +208,7 @@ def test_lpips_diversity_on_a_random_alexnet(weight_files):
     groups = torch.rand(3, 4, 3, 32, 32)
     scores = pm.lpips_diversity(net, groups)
     assert scores.shape == (3,) and (scores > 0).all()
-    with torch.no_grad():                                       # the mean of lpips' own pairs
+    with torch.no_grad():                            # the mean of lpips' own forward per pair
         direct = [np.mean([net(groups[i, a:a + 1], groups[i, b:b + 1], normalize=True).item()
                            for a in range(4) for b in range(a + 1, 4)]) for i in range(3)]
     assert np.allclose(scores.numpy(), direct, rtol=1e-5)
