@@ -87,7 +87,8 @@ def test_end_to_end_rows_run_both_pipelines_on_a_folder(two_domains, tmp_path):
     # 6 images per domain at batch 4: the seeds' loader starts a new epoch every step
     path, flags = tmp_path / "e2e.json", TINY[TINY.index("--cd_flags") + 1]
     bench.main([*TINY, "--method", "cd", "--data", two_domains, "--iters", "3", "--reference",
-                "--cd_flags", f"{flags} --crop 0 --n_threads 1 --num_display 2", "--json", str(path)])
+                "--cd_flags", f"{flags} --crop 0 --n_threads 1 --num_display 2",
+                "--json", str(path)])
     report = json.loads(path.read_text())
     ours, seed = report["rows"]
     assert ours["name"] == "cd end to end (train.py, reuse fp32)"
