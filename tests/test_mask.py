@@ -222,6 +222,7 @@ def test_bad_mask_flags_get_one_clear_line(mask_run, tmp_path):
     assert "invalid choice" in fails("train.py", *tiny, "--mask", "--mask_preset", "hats")
     assert "drop --mask or --reproduce" in fails("train.py", *tiny, "--mask",
                                                  "--reproduce", "kozistr")
+    assert "drop one of them" in fails("train.py", *tiny, "--mask", "--perceptual", "lap1")
     assert "--threshold 1.5" in fails("eval.py", "--load", run, "--threshold", "1.5")
     plain = str(tmp_path / "plain")
     train.main([*tiny[:2], "--out", plain, *tiny[4:]])
