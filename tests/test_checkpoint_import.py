@@ -128,8 +128,8 @@ def test_uncorrelated_folder_imports_and_manipulates_by_label(tmp_path):
     cfg = small_config("demo")
     model = random_model(cfg)
     folder = write_original_folder(model, cfg, tmp_path / "overlord-demo", latent_zip=True)
-    latent = torch.load(os.path.join(folder, "latent.pth"))
-    amortized = torch.load(os.path.join(folder, "amortized.pth"))
+    latent = torch.load(os.path.join(folder, "latent.pth"), weights_only=True)
+    amortized = torch.load(os.path.join(folder, "amortized.pth"), weights_only=True)
 
     ckpt = load_checkpoint(folder, method="overlord")
     state = ckpt["models"]["model"]
@@ -168,8 +168,8 @@ def test_correlated_folder_imports_and_manipulates_by_reference(tmp_path):
     cfg = small_config("afhq", label_dim=16, uncorrelated_dim=8, correlated_dim=8, n_labels=2)
     model = random_model(cfg, seed=1)
     folder = write_original_folder(model, cfg, tmp_path / "overlord-afhq", latent_zip=False)
-    latent = torch.load(os.path.join(folder, "latent.pth"))
-    amortized = torch.load(os.path.join(folder, "amortized.pth"))
+    latent = torch.load(os.path.join(folder, "latent.pth"), weights_only=True)
+    amortized = torch.load(os.path.join(folder, "amortized.pth"), weights_only=True)
 
     ckpt = load_checkpoint(folder, method="overlord")
     imported, state = ckpt["config"], ckpt["models"]["model"]
