@@ -172,6 +172,9 @@ def mask_flags(a):
             ("alpha2", "alpha2", "Recon2 of B: L1(D_B([cB,0], B), B)")):
         a(f"--{flag}", type=float, default=eyewear[flag],
           help=f"--mask: weight of {term} (MB's --{mb_name})")
+    a("--mask_warmup", type=int, default=0, help="--mask: raise the two Recon2 weights from 0 "
+      "over this many iterations (0 = from the start, as MB), so that D_B learns to draw the "
+      "attribute before Recon2 closes its mask")
 
 
 def explicit_flags(parser, argv):
@@ -227,7 +230,7 @@ def resolve_config(argv):
 def resolve_mask_flags(cfg, explicit, resumed):
     """Apply the --mask_preset to the loss weights not given explicitly (a resumed run keeps its
     own unless --mask_preset is given again); reject mask flags without --mask and bad values."""
-    weights = [*MASK_PRESETS["eyewear"], "mask_preset"]
+    weights = [*MASK_PRESETS["eyewear"], "mask_preset", "mask_warmup"]
     if not cfg["mask"]:
         given = [k for k in weights if k in explicit and k != "adv_weight"]
         if given:
@@ -239,6 +242,8 @@ def resolve_mask_flags(cfg, explicit, resumed):
     for key in MASK_PRESETS["eyewear"]:
         if not (math.isfinite(cfg[key]) and cfg[key] >= 0):
             raise UserError(f"--{key} {cfg[key]} must be a finite number >= 0")
+    if cfg["mask_warmup"] < 0:
+        raise UserError(f"--mask_warmup {cfg['mask_warmup']} must be >= 0 (iterations)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,7 +278,7 @@ def autoencoder_losses(model, x_a, x_b, adv_weight, distance=F.mse_loss):
     return losses, common
 
 
-def mask_autoencoder_losses(model, x_a, x_b, cfg):
+def mask_autoencoder_losses(model, x_a, x_b, cfg, step=None):
     """Mokady et al.'s terms (SPEC D, README): D_A = model.decoder renders [common, 0], D_B =
     model.mask_decoder composites its content onto a base. Returns (losses, common codes of
     [A, B]); losses also holds the mean mask area of A (logged, not trained)."""
@@ -303,9 +308,18 @@ def mask_autoencoder_losses(model, x_a, x_b, cfg):
         "recon2_a": F.l1_loss(composite(m_a, y_a, x_a).float(), x_a),
         "recon2_b": F.l1_loss(composite(m_b, y_b, x_b).float(), x_b),
         "adv": adversarial_loss(logits[:n].float(), 0) + adversarial_loss(logits[n:].float(), 0)}
-    losses["ae"] = sum(cfg[weight] * losses[term] for term, weight in MASK_LOSS_WEIGHTS.items())
+    ramp = recon2_ramp(cfg, step)
+    losses["ae"] = sum(cfg[weight] * (ramp if term.startswith("recon2") else 1) * losses[term]
+                       for term, weight in MASK_LOSS_WEIGHTS.items())
     losses["mask_area"] = m_a.detach().float().mean()
     return losses, common
+
+
+def recon2_ramp(cfg, step):
+    """The Recon2 terms' share of their weight: rising from 0 to 1 over --mask_warmup
+    iterations (1 without a warm-up, or without a step: tests and eval)."""
+    warmup = cfg.get("mask_warmup", 0)
+    return 1.0 if not warmup or step is None else min(1.0, step / warmup)
 
 
 def discriminator_loss(model, common, n):
@@ -395,7 +409,8 @@ def seed_train_step(model, x_a, x_b, ae_opt, d_opt, cfg):
     return losses  # tensors (train_step turns them into floats)
 
 
-def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None, distance=F.mse_loss):
+def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None, distance=F.mse_loss,
+               step=None):
     """One iteration: autoencoder step, discriminator step, ILN rho clamp. Returns float losses.
 
     cfg["d_codes"] = "reuse" trains the discriminator on the autoencoder step's common codes
@@ -407,7 +422,7 @@ def train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler=None, distance=F.mse_
     model.latent_disc.requires_grad_(False)
     with amp:
         if cfg.get("mask"):
-            losses, common = mask_autoencoder_losses(model, x_a, x_b, cfg)
+            losses, common = mask_autoencoder_losses(model, x_a, x_b, cfg, step)
         else:
             losses, common = autoencoder_losses(model, x_a, x_b, cfg["adv_weight"],
                                                  distance)
@@ -643,7 +658,7 @@ def main_cd(argv):
                     stopping = True
                     break
                 raise
-            losses = train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler, distance)
+            losses = train_step(model, x_a, x_b, ae_opt, d_opt, cfg, scaler, distance, step)
             step += 1
             stopping, diverged = any_process(stop.requested, watch.update(losses))
             if diverged:

@@ -91,6 +91,22 @@ def test_each_loss_term_by_hand():
     assert losses["ae"].item() == pytest.approx(total.item(), rel=1e-4)
 
 
+def test_recon2_warmup_scales_only_the_recon2_terms():
+    model = tiny_mask_model()
+    x_a, x_b = images(2, 3), images(2, 4)
+    model.eval()  # spectral norm's power iteration would move between the two calls
+    cfg = {**train.MASK_PRESETS["eyewear"], "mask_warmup": 100}
+    assert [train.recon2_ramp(cfg, step) for step in (0, 25, 100, 400, None)] == \
+        [0.0, 0.25, 1.0, 1.0, 1.0]
+    assert train.recon2_ramp({**cfg, "mask_warmup": 0}, 0) == 1.0
+    full, _ = train.mask_autoencoder_losses(model, x_a, x_b, cfg)
+    at_25, _ = train.mask_autoencoder_losses(model, x_a, x_b, cfg, step=25)
+    recon2 = 0.7 * (full["recon2_a"] + full["recon2_b"])
+    assert at_25["ae"].item() == pytest.approx((full["ae"] - 0.75 * recon2).item(), rel=1e-5)
+    for term in train.MASK_LOSS_WEIGHTS:  # the logged terms themselves are unscaled
+        assert at_25[term].item() == pytest.approx(full[term].item(), rel=1e-5)
+
+
 def test_plain_model_is_unchanged_by_the_mask_option():
     torch.manual_seed(0)
     plain = build_cd({k: v for k, v in TINY.items() if k != "mask"})
@@ -219,6 +235,9 @@ def test_bad_mask_flags_get_one_clear_line(mask_run, tmp_path):
     assert "--gamma nan must be" in fails("train.py", *tiny, "--mask", "--gamma", "nan")
     assert "add --mask" in fails("train.py", *tiny, "--cycle_separate", "1")
     assert "add --mask" in fails("train.py", *tiny, "--mask_preset", "smile")
+    assert "add --mask" in fails("train.py", *tiny, "--mask_warmup", "10")
+    assert "--mask_warmup -5 must be >= 0" in fails("train.py", *tiny, "--mask",
+                                                    "--mask_warmup", "-5")
     assert "invalid choice" in fails("train.py", *tiny, "--mask", "--mask_preset", "hats")
     assert "drop --mask or --reproduce" in fails("train.py", *tiny, "--mask",
                                                  "--reproduce", "kozistr")
