@@ -1083,7 +1083,8 @@ def prepare_labeled(dest, root=None, csv_path=None, img_size=64, skip_bad=False)
 # ------------------------------------------------------------------------------------------------
 # OverLORD: the synthetic labelled demo (faces labelled by hair colour, with hair masks)
 
-DEMO_HAIR = {"black": 0, "blonde": 2, "red": 3}  # label name -> index into HAIR_COLOURS
+HAIR_NAMES = {"black": 0, "brown": 1, "blonde": 2, "red": 3, "grey": 4}  # -> HAIR_COLOURS index
+DEMO_HAIR = {"black": 0, "blonde": 2, "red": 3}  # the demo's labels by default (name -> index)
 DEMO_VERSION = 1  # bump when the drawing changes, so stale demo folders are redrawn
 
 
@@ -1101,23 +1102,40 @@ def draw_demo_face(seed, index, size, glasses, hair, with_mask=True):
     return img, (2 * gap >= full).astype(np.uint8)
 
 
-def make_demo_labeled(dest, n=512, size=64, seed=0, masks=True):
-    """Synthetic faces labelled by hair colour (3 labels) with hair masks; reused if they match."""
+def demo_hair(hair):
+    """The labelled demo's labels, name -> HAIR_COLOURS index, from names ('black,red' or a
+    sequence); None = DEMO_HAIR."""
+    if hair is None:
+        return dict(DEMO_HAIR)
+    names = [h.strip() for h in hair.split(",")] if isinstance(hair, str) else list(hair)
+    unknown = [h for h in names if h not in HAIR_NAMES]
+    if unknown or len(set(names)) != len(names) or len(names) < 2:
+        raise UserError(f"--hair {','.join(names)}: give two or more different colours of "
+                        f"{', '.join(HAIR_NAMES)}, separated by commas")
+    return {h: HAIR_NAMES[h] for h in names}
+
+
+def make_demo_labeled(dest, n=512, size=64, seed=0, masks=True, hair=None):
+    """Synthetic faces labelled by hair colour (default: black, blonde, red) with hair masks;
+    reused if they match."""
+    colours = demo_hair(hair)
     settings = dict(n=n, size=size, seed=seed, masks=masks, version=DEMO_VERSION)
+    if colours != DEMO_HAIR:  # the default's settings stay as before, so old folders are reused
+        settings["hair"] = list(colours)
     try:
         if load_prepared(dest).meta.get("demo") == settings:
             return dest
     except UserError:
         pass  # absent, incomplete or different: (re)draw it
-    if n < len(DEMO_HAIR):
-        raise UserError(f"the demo needs at least {len(DEMO_HAIR)} images (one per hair colour)")
-    names = list(DEMO_HAIR)
+    if n < len(colours):
+        raise UserError(f"the demo needs at least {len(colours)} images (one per hair colour)")
+    names = list(colours)
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % len(names))  # balanced labels
     glasses = rng.random(n) < 0.5  # an unlabelled attribute the per-image code must carry
     with PreparedWriter(dest, n, size, with_masks=masks) as writer:
         for i in tqdm(range(n), desc="drawing demo faces", unit="img"):
-            img, mask = draw_demo_face(seed, i, size, bool(glasses[i]), DEMO_HAIR[names[labels[i]]],
+            img, mask = draw_demo_face(seed, i, size, bool(glasses[i]), colours[names[labels[i]]],
                                        with_mask=masks)
             writer.add(img, int(labels[i]), mask)
         return writer.finish("demo", "hair_colour", name=lambda k: names[k], demo=settings)
@@ -1408,6 +1426,8 @@ def add_demo_labeled_arguments(p):
     add_flag(p, make_demo_labeled, "seed", type=int, help="drawing seed")
     add_flag(p, make_demo_labeled, "masks", action=argparse.BooleanOptionalAction,
              help="also write hair masks (for the localized correlation)")
+    add_flag(p, make_demo_labeled, "hair", help="the labels: hair colours separated by commas, "
+             f"of {', '.join(HAIR_NAMES)} (default: {','.join(DEMO_HAIR)})")
     p.add_argument("--ground_truth", action="store_true", help="also draw held-out faces with "
                    "every hair colour into DEST/ground_truth (eval.py --ground_truth scores an "
                    "OverLORD model's translations against them)")
@@ -1418,7 +1438,7 @@ def make_demo_labeled_command(args):
     run_labelled(make_demo_labeled, args)
     if args.ground_truth:
         from ground_truth import write_overlord_ground_truth
-        print(write_overlord_ground_truth(args.dest, args.size, args.seed))
+        print(write_overlord_ground_truth(args.dest, args.size, args.seed, hair=args.hair))
 
 
 def run_labelled(prepare, args):

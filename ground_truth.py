@@ -232,7 +232,7 @@ def score_cd(model, cfg, root, out, threshold=MASK_THRESHOLD):
 # its label's hair colour forced, so the same stream with another colour is that face's perfect
 # translation. `python data.py demo_labeled --dest DIR --size S --ground_truth` writes, into
 # DIR/ground_truth/, for N faces that no demo set trains on (stream indices from HELD_OUT_INDEX)
-# and the K labels of the demo (label k = data.DEMO_HAIR's k-th colour):
+# and the K labels of the demo (label k = the k-th of its hair colours, data.demo_hair):
 #     faces.npy          uint8 (N, S, S, 3)     face n with its own hair colour
 #     labels.npy         int64 (N,)             face n's own label
 #     translations.npy   uint8 (N, K, S, S, 3)  [n, k] = face n with label k's hair colour
@@ -240,21 +240,24 @@ def score_cd(model, cfg, root, out, threshold=MASK_THRESHOLD):
 #     meta.json          method "overlord", count, size, seed, first_index, labels (names),
 #                        hair_rgb (each label's colour), glasses (per face)
 
-OVERLORD_GROUND_TRUTH_FACES = 60  # a multiple of 6: each (label, glasses) pair equally often
+OVERLORD_GROUND_TRUTH_FACES = 60  # at least; rounded up to whole blocks of every (label, glasses)
 HELD_OUT_INDEX = 1_000_000        # stream index of the first held-out face; demo sets are smaller
 
 
-def write_overlord_ground_truth(dest, size, seed, count=OVERLORD_GROUND_TRUTH_FACES):
-    """Draw the ground truth of the labelled demo of (size, seed) into dest/ground_truth (layout
-    above); returns that folder."""
-    names = list(data.DEMO_HAIR)
+def write_overlord_ground_truth(dest, size, seed, count=OVERLORD_GROUND_TRUTH_FACES, hair=None):
+    """Draw the ground truth of the labelled demo of (size, seed, hair) into dest/ground_truth
+    (layout above); returns that folder."""
+    colours = data.demo_hair(hair)
+    names = list(colours)
+    block = 2 * len(names)                    # every label without glasses, then with them
+    count = -(-count // block) * block
     own = np.arange(count) % len(names)
-    glasses = np.arange(count) % 2 == 1
+    glasses = np.arange(count) // len(names) % 2 == 1
     translations = np.zeros((count, len(names), size, size, 3), np.uint8)
     for n in tqdm(range(count), desc="drawing ground truth", leave=False):
         for k, name in enumerate(names):
             translations[n, k] = data.draw_demo_face(seed, HELD_OUT_INDEX + n, size,
-                                                     bool(glasses[n]), data.DEMO_HAIR[name],
+                                                     bool(glasses[n]), colours[name],
                                                      with_mask=False)[0]
     faces = translations[np.arange(count), own]
     changed_masks = np.stack([[changed(t, face) for t in row]
@@ -266,7 +269,7 @@ def write_overlord_ground_truth(dest, size, seed, count=OVERLORD_GROUND_TRUTH_FA
         np.save(os.path.join(folder, f"{name}.npy"), array)
     write_json(os.path.join(folder, "meta.json"), dict(
         method="overlord", count=count, size=size, seed=seed, first_index=HELD_OUT_INDEX,
-        labels=names, hair_rgb=[data.HAIR_COLOURS[data.DEMO_HAIR[n]] for n in names],
+        labels=names, hair_rgb=[data.HAIR_COLOURS[colours[n]] for n in names],
         glasses=glasses.tolist()))
     return folder
 

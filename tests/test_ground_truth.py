@@ -162,6 +162,26 @@ def test_overlord_ground_truth_draws_each_face_with_the_target_hair_colour(ol_de
                 assert near.mean() > 0.5
 
 
+def test_labelled_demo_with_four_hair_colours_and_its_ground_truth(tmp_path):
+    dest = str(tmp_path / "four")
+    data.make_demo_labeled(dest, n=16, size=OL_SIZE, hair="black,blonde,red,grey")
+    prepared = data.load_prepared(dest)
+    assert prepared.label_names == ["black", "blonde", "red", "grey"]
+    assert sorted(np.bincount(prepared.labels)) == [4, 4, 4, 4]
+    gt.write_overlord_ground_truth(dest, OL_SIZE, seed=0, count=10, hair="black,blonde,red,grey")
+    truth = gt.read_ground_truth(dest, "overlord")
+    assert truth["meta"]["labels"] == prepared.label_names
+    assert truth["meta"]["hair_rgb"][3] == list(data.HAIR_COLOURS[4])
+    assert len(truth["labels"]) == 16                    # rounded up to whole blocks of 8
+    pairs = set(zip(truth["labels"].tolist(), truth["meta"]["glasses"]))
+    assert len(pairs) == 8                               # every (label, glasses) pair occurs
+    # the default's settings are unchanged, so folders drawn before are still reused
+    assert data.demo_hair(None) == data.DEMO_HAIR
+    for bad in ("black", "black,purple", "red,red"):
+        with pytest.raises(data.UserError, match="two or more different colours"):
+            data.demo_hair(bad)
+
+
 def test_overlord_scores_of_the_truth_and_of_the_untranslated_face(ol_demo):
     truth = gt.read_ground_truth(ol_demo, "overlord")
     side = 16
