@@ -764,7 +764,8 @@ PRESETS = {
                                                             "uncorrelated_decay": 0.1},
                              amortization__n_epochs=100),
     # small widths and few epochs: the three stages on a 2-core CPU in about 10 minutes;
-    # "auto" perceptual = VGG16 if its weights are on disk, else the L1 fallback (with a note)
+    # "auto" perceptual = VGG16 if its weights are on disk, else the Lap1 fallback (with a note;
+    # on the 64-px demo's ground truth Lap1 beat L1, README "Against ground truth")
     "demo": _preset(labeled_attribute="hair_colour", label_dim=32, uncorrelated_dim=32,
                     uncorrelated_std=0.1, perceptual__kind="auto",
                     generator={"channel_multiplier": 2, "max_width": 64},
@@ -921,10 +922,10 @@ def build_perceptual(cfg, weights_path):
     """The reconstruction distance: frozen VGG16 features, or the offline Lap1 or L1."""
     kind = cfg["perceptual"]["kind"]
     if kind == "auto":
-        kind = "vgg" if find_vgg_weights(weights_path or None) else "l1"
-        if kind == "l1":
-            print(f"note: no VGG16 weights ({VGG16_WEIGHTS_FILE}) found; the demo uses the L1 "
-                  f"fallback (pass --vgg_weights PATH for the perceptual loss)")
+        kind = "vgg" if find_vgg_weights(weights_path or None) else "lap1"
+        if kind == "lap1":
+            print(f"note: no VGG16 weights ({VGG16_WEIGHTS_FILE}) found; the demo uses the "
+                  f"Lap1 fallback (pass --vgg_weights PATH for the perceptual loss)")
         cfg["perceptual"]["kind"] = kind
     if kind == "l1":
         return L1Distance()

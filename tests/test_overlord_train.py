@@ -19,7 +19,8 @@ import train
 import utils
 from conftest import run_script
 from data import load_prepared, make_demo_labeled, read_image, write_image, LabelledImages
-from models import L1Distance, VGGDistance, build_overlord, vgg16_features, VGG16_WEIGHTS_FILE
+from models import (L1Distance, Lap1Distance, VGGDistance, build_overlord, vgg16_features,
+                    VGG16_WEIGHTS_FILE)
 from utils import UserError
 
 SIZE, N_IMGS, N_LABELS = 32, 24, 3
@@ -611,7 +612,7 @@ def test_build_perceptual_hub_cache_auto_and_bad_files(random_vgg_file, tmp_path
     os.symlink(random_vgg_file, cache / VGG16_WEIGHTS_FILE)
     distance = train.build_perceptual(json.loads(json.dumps(cfg)), "")
     assert isinstance(distance, VGGDistance) and distance.source == str(cache / VGG16_WEIGHTS_FILE)
-    # "auto" (the demo) takes VGG when the weights are there, else L1 with a note
+    # "auto" (the demo) takes VGG when the weights are there, else Lap1 with a note
     auto = {"perceptual": dict(cfg["perceptual"], kind="auto")}
     chosen = json.loads(json.dumps(auto))
     assert isinstance(train.build_perceptual(chosen, ""), VGGDistance)
@@ -620,8 +621,8 @@ def test_build_perceptual_hub_cache_auto_and_bad_files(random_vgg_file, tmp_path
     chosen = json.loads(json.dumps(auto))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert isinstance(train.build_perceptual(chosen, ""), L1Distance)
-    assert chosen["perceptual"]["kind"] == "l1" and "L1 fallback" in printed.getvalue()
+        assert isinstance(train.build_perceptual(chosen, ""), Lap1Distance)
+    assert chosen["perceptual"]["kind"] == "lap1" and "Lap1 fallback" in printed.getvalue()
     # a --vgg_weights that is missing, or not a VGG16 state dict
     with pytest.raises(UserError, match="nope.pth"):
         train.build_perceptual(json.loads(json.dumps(cfg)), str(tmp_path / "nope.pth"))
