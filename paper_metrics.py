@@ -56,7 +56,7 @@ INCEPTION_CLASSES = {"pytorch-fid": 1008, "torchvision": 1000}   # rows of each 
 NORMALISATION = {"pytorch-fid": ((0.5,) * 3, (0.5,) * 3),
                  "torchvision": (IMAGENET_MEAN, IMAGENET_STD)}
 ALEXNET_FILE = "alexnet-owt-*.pth"
-FEATURE_BATCH = 8           # images per InceptionV3 pass (AMD EPYC, 2 cores: 75 ms/image at 8, 88 at 50)
+FEATURE_BATCH = 8           # images per InceptionV3 pass (2-core AMD EPYC: 75 ms/image, 88 at 50)
 KID_BLOCKS = 10             # disjoint subsets behind KID's standard error
 KERNEL_ROWS = 1024          # KID's kernel matrices are summed this many rows at a time
 LPIPS_IMAGES = 64           # content images translated LPIPS_TRANSLATIONS times each
